@@ -1,0 +1,340 @@
+"""Typed pipeline configuration: one dataclass per YAML section, one loader, dotted overrides, presets.
+
+A pipeline file (``pipelines/*.yaml``) maps 1:1 onto :class:`PipelineConfig`. Every key is checked before
+any work starts: an unknown key, a wrong type or an impossible value raises :class:`ConfigError` naming
+the dotted key and what is allowed. Sections may name a ``preset`` (see :mod:`clipgen.presets`); the
+preset's values are applied first and explicit keys override them.
+
+Fields whose metadata says ``affects_output=False`` (worker counts, log intervals) are excluded from the
+content-addressed stage ids, so changing them never invalidates a cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A pipeline config that cannot be used. The message names the key and the fix."""
+
+
+def runtime_only(default: Any) -> Any:
+    """A field that changes how a stage runs, never what it produces (excluded from stage ids)."""
+    return field(default=default, metadata={"affects_output": False})
+
+
+# ----------------------------------------------------------------------------------------- sections
+@dataclass
+class WorldConfig:
+    """The synthetic shapes world (DESIGN.md section 4). Only used when ``data.source: world``."""
+
+    n_captioned: int = 20000  # toy-CLIP pretraining split (captions used)
+    n_train: int = 30000  # CLIP-GEN training split (captions never read by the generator)
+    n_heldout: int = 2000  # evaluation split
+    n_judge: int = 20000  # labeled split for the attribute judge
+    # (colour, shape) combinations that never appear in the caption-free training split
+    held_out_combos: list[str] = field(default_factory=lambda: ["red triangle", "blue star", "yellow circle", "purple square"])
+    seed: int = 0
+
+
+@dataclass
+class JudgeConfig:
+    """The attribute classifier that scores generated shapes-world images (independent of CLIP)."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["world", "folder", "urls"] = "world"
+    path: str | None = None  # folder of images, or URL list (.csv/.tsv/.parquet) for source=urls
+    url_column: str = "url"
+    caption_column: str | None = None  # copied into the shard json for evaluation only; never trained on
+    image_size: int = 32
+    shard_size: int = 2000
+    heldout_fraction: float = 0.02  # folder/urls: fraction of keys reserved for evaluation
+    max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's own limit)
+    min_side: int = 8  # images with a smaller side are skipped as too small to be useful
+    workers: int = runtime_only(2)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
+class ToyClipConfig:
+    """Contrastive pretraining of the bundled toy CLIP on the captioned world split."""
+
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class ClipConfig:
+    model: str = "toy-clip"  # an open_clip architecture name, or 'toy-clip' for the bundled one
+    pretrained: str | None = None  # open_clip tag ('openai'), a local checkpoint path, or null
+    batch_size: int = runtime_only(256)
+    index: Literal["auto", "flat", "ivfpq"] = "auto"  # faiss index type; auto = flat below ivfpq_min_size
+    ivfpq_min_size: int = 200_000
+    toy: ToyClipConfig = field(default_factory=ToyClipConfig)
+
+
+@dataclass
+class VQGANConfig:
+    preset: str | None = None
+    base_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # len-1 halvings => f4
+    n_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=list)
+    quantizer: Literal["vq", "fsq"] = "fsq"
+    codebook_size: int = 1000  # VQ: entries; FSQ: must equal the product of fsq_levels
+    code_dim: int = 8  # VQ: l2-normalised low-dimensional code size
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    beta: float = 0.25  # VQ commitment weight
+    perceptual: Literal["none", "lpips"] = "none"
+    lpips_weights: str | None = None  # local path to LPIPS backbone weights (no download here)
+    disc_start: int = 0  # step at which the discriminator starts training; 0 = no GAN loss
+    disc_warmup: int = 500  # discriminator-only steps before its generator term switches on
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-4
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class GPTConfig:
+    preset: str | None = None
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    n_prefix: int = 2  # projected CLIP-embedding prefix tokens
+    dropout: float = 0.0
+    cond_dropout: float = 0.1  # rate of replacing the condition by the learned null embedding (CFG)
+    bridge: Literal["none", "noise"] = "noise"  # train-time modality-gap bridging
+    noise_level: float = 0.2
+    consistency_weight: float = 0.0  # the paper's embedding-consistency loss; 0 = off
+    consistency_every: int = 4
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every training stage."""
+
+    devices: int = runtime_only(1)
+    nodes: int = runtime_only(1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = runtime_only(50)
+    ckpt_every: int = runtime_only(500)
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=list)
+    n_per_prompt: int = 8
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    cfg_scale: float = 1.0
+    bridge: Literal["none", "noise", "knn"] = "knn"
+    knn_k: int = 8
+    knn_blend: float = 0.5
+    rerank_candidates: int = 0  # sample this many per image and keep the CLIP-best; 0 = off
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    images_per_prompt: int = 16
+    inception_weights: str | None = None  # local Inception weights: adds standard FID/IS
+    scoring_clip: str | None = None  # a second, independent open_clip model for CLIP score
+    scoring_clip_pretrained: str | None = None
+    memorisation_threshold: float = 0.95
+
+
+@dataclass
+class OrchestrationConfig:
+    task_runner: Literal["threads", "dask"] = runtime_only("threads")
+    max_workers: int = runtime_only(2)
+    dask_address: str | None = runtime_only(None)  # null = start a local Dask cluster
+    retries: int = runtime_only(1)  # only I/O tasks retry
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "shapes"
+    run_dir: str | None = None  # default: runs/<name> beside the working directory
+    data: DataConfig = field(default_factory=DataConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """Load a pipeline YAML (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"pipeline file {str(path)!r} not found; pass a file such as pipelines/shapes.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    from clipgen.presets import expand_presets  # presets depend on the section classes above
+
+    cfg = build(PipelineConfig, expand_presets(raw), "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``4``, ``[1, 2]``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. gpt.n_layer=4")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    where = prefix.rstrip(".") or "the pipeline file"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {prefix}{key!r}{hint}; allowed keys in {where}: {sorted(fields)}")
+        kwargs[key] = coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type hint ``tp`` (int/float/str/bool, Optional, list, Literal, dataclass)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose from {list(choices)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+# ---------------------------------------------------------------------------------- validation
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Impossible values, checked across fields. Each message names the key and what would be valid."""
+    d, v, g, s = cfg.data, cfg.vqgan, cfg.gpt, cfg.sample
+    _check(d.source == "world" or d.path is not None, "data.path", f"required when data.source is {d.source!r}")
+    _check(d.image_size >= 8 and d.image_size % v.downsample == 0, "data.image_size",
+           f"must be >= 8 and a multiple of the VQGAN downsampling factor {v.downsample}")
+    _check(d.shard_size > 0, "data.shard_size", "must be > 0")
+    _check(0.0 <= d.heldout_fraction < 1.0, "data.heldout_fraction", "must be in [0, 1)")
+    _check(d.workers >= 1, "data.workers", "must be >= 1")
+    for i, combo in enumerate(d.world.held_out_combos):
+        _check(len(combo.split()) == 2, f"data.world.held_out_combos[{i}]", f"{combo!r} must be 'COLOUR SHAPE'")
+    for name in ("n_captioned", "n_train", "n_heldout", "n_judge"):
+        _check(getattr(d.world, name) > 0, f"data.world.{name}", "must be > 0")
+    _check(len(v.channel_mult) >= 1, "vqgan.channel_mult", "needs at least one entry")
+    _check(v.codebook_size >= 2, "vqgan.codebook_size", "must be >= 2")
+    if v.quantizer == "fsq":
+        product = 1
+        for level in v.fsq_levels:
+            product *= level
+        _check(product == v.codebook_size, "vqgan.codebook_size",
+               f"with quantizer fsq it must equal the product of vqgan.fsq_levels {v.fsq_levels} = {product}")
+    _check(v.perceptual == "none" or v.lpips_weights is not None, "vqgan.lpips_weights",
+           "required when vqgan.perceptual is 'lpips' (weights cannot be downloaded); or set perceptual: none")
+    _check(g.n_embd % g.n_head == 0, "gpt.n_embd", f"{g.n_embd} must be divisible by gpt.n_head={g.n_head}")
+    _check(g.n_prefix >= 1, "gpt.n_prefix", "must be >= 1")
+    _check(0.0 <= g.cond_dropout < 1.0, "gpt.cond_dropout", "must be in [0, 1)")
+    _check(0.0 <= g.noise_level <= 1.0, "gpt.noise_level", "must be in [0, 1]")
+    _check(s.temperature > 0, "sample.temperature", "must be > 0")
+    _check(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
+    _check(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
+    _check(0.0 <= s.knn_blend <= 1.0, "sample.knn_blend", "must be in [0, 1]")
+    trained = {"vqgan": cfg.vqgan, "gpt": cfg.gpt, "data.judge": cfg.data.judge, "clip.toy": cfg.clip.toy}
+    for name, section in trained.items():
+        _check(section.steps > 0, f"{name}.steps", "must be > 0")
+        _check(section.batch_size > 0, f"{name}.batch_size", "must be > 0")
+    _check(cfg.train.devices >= 1 and cfg.train.nodes >= 1, "train.devices", "devices and nodes must be >= 1")
+
+
+def to_dict(section: Any, output_only: bool = False) -> dict[str, Any]:
+    """A section as a plain dict; ``output_only`` drops runtime-only fields (for stage ids)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if output_only and not f.metadata.get("affects_output", True):
+            continue
+        value = getattr(section, f.name)
+        out[f.name] = to_dict(value, output_only) if dataclasses.is_dataclass(value) else value
+    return out

@@ -1,0 +1,124 @@
+"""WebDataset shards: deterministic tar writing, reading, and the ingest manifest.
+
+A shard is a plain tar of ``KEY.png|jpg`` + ``KEY.json`` members, readable by ``webdataset``. We write
+the tars ourselves with fixed headers (mtime 0, uid 0, sorted by arrival) so the same input always
+gives byte-identical shards and digests, and each shard appears under its final name only when whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipgen.artifacts import atomic_path, file_digest, write_json_atomic
+
+IMAGE_EXTS = ("png", "jpg")
+
+
+@dataclass
+class Sample:
+    key: str  # unique and stable across reruns
+    image: bytes  # encoded image bytes
+    ext: str  # "png" or "jpg"
+    meta: dict[str, Any] = field(default_factory=dict)  # written as KEY.json
+
+
+@dataclass
+class ShardInfo:
+    shard: str  # path relative to the shard root, e.g. "train/00000.tar"
+    count: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Skipped:
+    input: str
+    reason: str
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(samples: Iterable[Sample], root: Path, split: str, shard_size: int) -> list[ShardInfo]:
+    """Write ``samples`` to ``root/split/NNNNN.tar``, ``shard_size`` samples per shard, each atomically."""
+    out_dir = Path(root) / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    infos: list[ShardInfo] = []
+    batch: list[Sample] = []
+
+    def flush() -> None:
+        final = out_dir / f"{len(infos):05d}.tar"
+        with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in batch:
+                if s.ext not in IMAGE_EXTS:
+                    raise ValueError(f"sample {s.key}: image ext must be one of {IMAGE_EXTS}, got {s.ext!r}")
+                _add_member(tar, f"{s.key}.{s.ext}", s.image)
+                _add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
+        rel = f"{split}/{final.name}"
+        infos.append(ShardInfo(rel, len(batch), final.stat().st_size, file_digest(final)))
+        batch.clear()
+
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) >= shard_size:
+            flush()
+    if batch:
+        flush()
+    return infos
+
+
+def iter_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for each sample of one shard, in order."""
+    current_key, current = None, {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            if key != current_key and current_key is not None:
+                yield current_key, current
+                current = {}
+            current_key = key
+            current[ext] = tar.extractfile(member).read()
+    if current_key is not None:
+        yield current_key, current
+
+
+def write_manifest(root: Path, source: str, shards: dict[str, list[ShardInfo]], skipped: list[Skipped]) -> dict:
+    """Write ``root/manifest.json``: per-split shard counts, bytes, digests, and every skipped input."""
+    manifest = {
+        "source": source,
+        "counts": {split: sum(s.count for s in infos) for split, infos in shards.items()},
+        "shards": {split: [asdict(s) for s in infos] for split, infos in shards.items()},
+        "skipped": [asdict(s) for s in skipped],
+        "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
+    }
+    write_json_atomic(Path(root) / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(root: Path) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path}; run the ingest stage first")
+    return json.loads(path.read_text())
+
+
+def shard_paths(root: Path, split: str) -> list[Path]:
+    """The shard files of one split, in order, as listed in the manifest."""
+    manifest = read_manifest(root)
+    if split not in manifest["shards"]:
+        raise KeyError(f"split {split!r} not in {root}; have {sorted(manifest['shards'])}")
+    return [Path(root) / s["shard"] for s in manifest["shards"][split]]
