@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/runs/.prefect
 # pip prints one warning per package for the machine's empty local index folders; hide only those lines.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-slow test-all lint clean
 
 install: $(STAMP)
 
@@ -34,11 +34,17 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/clipgen run $(PIPELINE)
 
+# pytest exits 5 when it collected no tests: that is a failure here, never a silent pass.
+PYTEST = $(BIN)/python -m pytest -q $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
+
 test: install lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(call PYTEST,-m "not slow")
+
+test-slow: install
+	$(call PYTEST,-m slow)
 
 test-all: install lint
-	$(BIN)/python -m pytest -q
+	$(call PYTEST,)
 
 lint: install
 	$(BIN)/ruff check clipgen flows tests benchmarks

@@ -280,6 +280,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value

@@ -1,0 +1,129 @@
+"""The stage graph: which artifact each pipeline step writes, what it depends on, and how to build it.
+
+This is library code (no Prefect). Each *step* writes one content-addressed artifact
+(:mod:`clipgen.artifacts`); a user-facing *stage* (``ingest``, ``embed``, ...) runs one or more steps.
+A step's id hashes its output-affecting config section, its inputs' ids and its code version, so a
+changed config reruns that step and everything downstream of it, and nothing upstream.
+Flows (``flows/``) call :func:`run_step`; ``clipgen status`` calls :func:`plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
+from clipgen.config import ConfigError, PipelineConfig, to_dict
+
+# User-facing stages in pipeline order. Stages of later issues join this list as they land.
+STAGES: tuple[str, ...] = ("ingest",)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    stage: str  # the user-facing stage that runs this step
+    kind: str  # artifact folder under the run dir
+    inputs: tuple[str, ...]  # names of the steps whose artifacts this one reads
+    code_version: str  # bump when the step's output changes for the same config
+    config: Callable[[PipelineConfig], dict[str, Any]]  # the output-affecting config
+    build: Callable[[PipelineConfig, dict[str, Artifact], Path], dict[str, Any]]
+    applies: Callable[[PipelineConfig], bool] = lambda cfg: True
+
+
+def _shards_config(cfg: PipelineConfig) -> dict[str, Any]:
+    data = to_dict(cfg.data, output_only=True)
+    data.pop("judge")
+    if cfg.data.source != "world":
+        data.pop("world")
+    return data
+
+
+def _build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    if cfg.data.source == "world":
+        from clipgen.data.world import ingest_world
+
+        manifest = ingest_world(cfg.data, out)
+    elif cfg.data.source == "folder":
+        from clipgen.data.ingest import ingest_folder
+
+        manifest = ingest_folder(cfg.data, out)
+    else:
+        from clipgen.data.ingest import ingest_urls
+
+        manifest = ingest_urls(cfg.data, out)
+    return {"counts": manifest["counts"], "skipped_by_reason": manifest["skipped_by_reason"]}
+
+
+def _judge_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"image_size": cfg.data.image_size, "world": to_dict(cfg.data.world), "judge": to_dict(cfg.data.judge)}
+
+
+def _build_judge(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    from clipgen.judge import train_judge
+
+    return train_judge(cfg.data, out)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("shards", "ingest", "shards", (), "1", _shards_config, _build_shards),
+    Step("judge", "ingest", "judge", (), "1", _judge_config, _build_judge,
+         applies=lambda cfg: cfg.data.source == "world"),
+)
+STEPS_BY_NAME = {s.name: s for s in STEPS}
+
+
+def steps_of(stage: str, cfg: PipelineConfig) -> list[Step]:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose from {list(STAGES)}")
+    return [s for s in STEPS if s.stage == stage and s.applies(cfg)]
+
+
+def parse_stages(text: str | None) -> list[str]:
+    """``"ingest,embed"`` -> validated list in pipeline order; None or "" -> every stage."""
+    if not text:
+        return list(STAGES)
+    asked = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in asked if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    return [s for s in STAGES if s in asked]
+
+
+def plan(cfg: PipelineConfig) -> dict[str, Artifact]:
+    """Every applicable step's artifact (id and path), computed without running anything."""
+    artifacts: dict[str, Artifact] = {}
+    for step in STEPS:
+        if not step.applies(cfg):
+            continue
+        input_ids = [artifacts[name].id for name in step.inputs]
+        sid = stage_id(step.name, step.config(cfg), input_ids, step.code_version)
+        artifacts[step.name] = Artifact(cfg.run_path, step.kind, sid)
+    return artifacts
+
+
+def run_step(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    """Build one step's artifact unless it is already complete. Its inputs must be complete."""
+    step = STEPS_BY_NAME[name]
+    artifacts = plan(cfg)
+    inputs = {n: artifacts[n] for n in step.inputs}
+    for n, art in inputs.items():
+        if not art.is_complete():
+            raise RuntimeError(
+                f"step {name!r} needs the {n!r} artifact {art.path}, which is not built; "
+                f"run the {STEPS_BY_NAME[n].stage!r} stage first (or run without --stages)")
+    artifact = artifacts[name]
+    summary = run_cached(artifact, lambda out: step.build(cfg, inputs, out), stage=name)
+    return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
+
+
+def save_run_config(cfg: PipelineConfig) -> Path:
+    """Write the resolved config to ``<run_dir>/pipeline.yaml`` so a run folder describes itself."""
+    path = cfg.run_path / "pipeline.yaml"
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return path
