@@ -1,0 +1,120 @@
+"""The embedding cache and the faiss index, with a deterministic stand-in encoder (fast, no CLIP)."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from clipgen.data.shards import Sample, write_shards
+from clipgen.embed import embed_shard, read_embeddings
+from clipgen.index import build_index, load_index, save_index, search
+
+
+class MeanColourEncoder:
+    """Maps an image to a fixed random projection of its pixels: deterministic and image-dependent."""
+
+    embed_dim = 16
+
+    def __init__(self):
+        self.proj = torch.randn(3 * 8 * 8, self.embed_dim, generator=torch.Generator().manual_seed(0))
+        self.calls = 0
+
+    def preprocess(self, img):
+        return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    def encode_images(self, images):
+        self.calls += 1
+        out = images.flatten(1) @ self.proj
+        return out / out.norm(dim=1, keepdim=True)
+
+
+def png(colour, size=16):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_shard(tmp_path, n=20, corrupt=(), with_meta=True, name="s"):
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        data = b"not an image" if i in corrupt else png(colour)
+        meta = {"caption": f"caption {i}", "colour": "red"} if with_meta else {}
+        samples.append(Sample(f"k{i:03d}", data, "png", meta))
+    return write_shards(samples, tmp_path / name, "train", shard_size=n)[0], tmp_path / name / "train/00000.tar"
+
+
+def test_embed_shard_writes_sorted_unit_float16_rows(tmp_path):
+    _, shard = make_shard(tmp_path)
+    res = embed_shard(MeanColourEncoder(), shard, tmp_path / "out.parquet", batch_size=6, num_workers=2)
+    assert res.count == 20 and res.skipped_keys == []
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[16]"
+    emb = read_embeddings([tmp_path / "out.parquet"])
+    assert emb.keys == sorted(emb.keys) and len(set(emb.keys)) == 20
+    assert np.allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, atol=2e-3)
+
+
+def test_corrupt_samples_are_skipped_without_shifting_rows(tmp_path):
+    _, clean = make_shard(tmp_path, name="clean")
+    _, dirty = make_shard(tmp_path, corrupt={3, 11}, name="dirty")
+    enc = MeanColourEncoder()
+    embed_shard(enc, clean, tmp_path / "clean.parquet", batch_size=4, num_workers=0)
+    res = embed_shard(enc, dirty, tmp_path / "dirty.parquet", batch_size=4, num_workers=2)
+    assert res.count == 18 and res.skipped_keys == ["k003", "k011"]
+    a, b = read_embeddings([tmp_path / "clean.parquet"]), read_embeddings([tmp_path / "dirty.parquet"])
+    by_key = dict(zip(a.keys, a.vectors, strict=True))
+    for key, vec in zip(b.keys, b.vectors, strict=True):
+        assert np.allclose(by_key[key], vec, atol=1e-3)  # batch composition may change the last bit
+
+
+def test_embeddings_never_read_captions(tmp_path):
+    _, with_meta = make_shard(tmp_path, name="meta")
+    _, without = make_shard(tmp_path, with_meta=False, name="bare")
+    enc = MeanColourEncoder()
+    embed_shard(enc, with_meta, tmp_path / "a.parquet", num_workers=0)
+    embed_shard(enc, without, tmp_path / "b.parquet", num_workers=0)
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+
+
+def test_a_crash_mid_shard_leaves_no_file(tmp_path):
+    _, shard = make_shard(tmp_path)
+
+    class Crashing(MeanColourEncoder):
+        def encode_images(self, images):
+            if self.calls == 1:
+                raise KeyboardInterrupt("killed")
+            return super().encode_images(images)
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_shard(Crashing(), shard, tmp_path / "out.parquet", batch_size=5, num_workers=0)
+    assert not any(p.name.endswith(".parquet") or ".tmp" in p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_index_finds_each_vector_itself(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(2000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = [f"k{i}" for i in range(2000)]
+    save_index(build_index(vectors, kind), keys, tmp_path)
+    nn = load_index(tmp_path)
+    found = search(nn, vectors[:50], k=3)
+    hits = np.mean([row[0] == keys[i] for i, row in enumerate(found.keys)])
+    assert hits >= (1.0 if kind == "flat" else 0.8)
+    assert found.scores.shape == (50, 3) and np.all(np.diff(found.scores, axis=1) <= 1e-5)
+
+
+def test_auto_index_switches_to_ivfpq_above_the_threshold():
+    vectors = np.random.default_rng(0).normal(size=(1000, 16)).astype(np.float32)
+    assert type(build_index(vectors, "auto", ivfpq_min_size=5000)).__name__ == "IndexFlatIP"
+    assert type(build_index(vectors, "auto", ivfpq_min_size=500)).__name__ == "IndexIVFPQ"
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the embed stage"):
+        load_index(tmp_path)
