@@ -10,7 +10,7 @@ Flows (``flows/``) call :func:`run_step`; ``clipgen status`` calls :func:`plan`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,14 @@ from clipgen.config import ConfigError, PipelineConfig, to_dict
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
 STAGES: tuple[str, ...] = ("ingest",)
 
+# How a step fans out over independent parts (shards): the library maps serially; flows pass a
+# function that maps through Prefect's task runner (threads or Dask) instead.
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]
+
+
+def serial_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    return [fn(item) for item in items]
+
 
 @dataclass(frozen=True)
 class Step:
@@ -32,7 +40,7 @@ class Step:
     inputs: tuple[str, ...]  # names of the steps whose artifacts this one reads
     code_version: str  # bump when the step's output changes for the same config
     config: Callable[[PipelineConfig], dict[str, Any]]  # the output-affecting config
-    build: Callable[[PipelineConfig, dict[str, Artifact], Path], dict[str, Any]]
+    build: Callable[[PipelineConfig, dict[str, Artifact], Path, MapFn], dict[str, Any]]
     applies: Callable[[PipelineConfig], bool] = lambda cfg: True
 
 
@@ -44,7 +52,7 @@ def _shards_config(cfg: PipelineConfig) -> dict[str, Any]:
     return data
 
 
-def _build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+def _build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn: MapFn) -> dict[str, Any]:
     if cfg.data.source == "world":
         from clipgen.data.world import ingest_world
 
@@ -64,7 +72,7 @@ def _judge_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"image_size": cfg.data.image_size, "world": to_dict(cfg.data.world), "judge": to_dict(cfg.data.judge)}
 
 
-def _build_judge(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+def _build_judge(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn: MapFn) -> dict[str, Any]:
     from clipgen.judge import train_judge
 
     return train_judge(cfg.data, out)
@@ -107,7 +115,7 @@ def plan(cfg: PipelineConfig) -> dict[str, Artifact]:
     return artifacts
 
 
-def run_step(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict[str, Any]:
     """Build one step's artifact unless it is already complete. Its inputs must be complete."""
     step = STEPS_BY_NAME[name]
     artifacts = plan(cfg)
@@ -118,7 +126,7 @@ def run_step(cfg: PipelineConfig, name: str) -> dict[str, Any]:
                 f"step {name!r} needs the {n!r} artifact {art.path}, which is not built; "
                 f"run the {STEPS_BY_NAME[n].stage!r} stage first (or run without --stages)")
     artifact = artifacts[name]
-    summary = run_cached(artifact, lambda out: step.build(cfg, inputs, out), stage=name)
+    summary = run_cached(artifact, lambda out: step.build(cfg, inputs, out, map_fn), stage=name)
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
 
 

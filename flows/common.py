@@ -1,11 +1,14 @@
-"""Shared flow plumbing: load the pipeline config and run library steps as Prefect tasks.
+"""Shared flow plumbing: load the pipeline config, run library steps, fan parts out as Prefect tasks.
 
 Flows stay thin: they pass only a pipeline path, override strings and small result dicts around.
+A step that works shard by shard receives :func:`prefect_map`, so its parts run on the flow's task
+runner (threads by default) and show up as task runs in the Prefect UI.
 """
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from clipgen.config import PipelineConfig, load_config
 from clipgen.pipeline import run_step, steps_of
@@ -15,14 +18,22 @@ def load(pipeline: str, overrides: list[str] | None) -> PipelineConfig:
     return load_config(pipeline, overrides or [])
 
 
-@task(task_run_name="{name}")
-def step_task(cfg: PipelineConfig, name: str) -> dict:
-    result = run_step(cfg, name)
-    verb = "cached, skipped" if result["skipped"] else "built"
-    get_run_logger().info("%s %s: %s", name, verb, result["path"])
-    return result
+@task(cache_policy=NO_CACHE, task_run_name="{label}")
+def run_part(fn, item, label: str):
+    return fn(item)
+
+
+def prefect_map(fn, items) -> list:
+    futures = [run_part.submit(fn, item, label=str(getattr(item, "label", item))) for item in items]
+    return [f.result() for f in futures]
 
 
 def run_stage(cfg: PipelineConfig, stage: str) -> dict[str, dict]:
     """Run every step of ``stage`` in order; returns {step name: result}."""
-    return {step.name: step_task(cfg, step.name) for step in steps_of(stage, cfg)}
+    logger = get_run_logger()
+    results = {}
+    for step in steps_of(stage, cfg):
+        result = run_step(cfg, step.name, map_fn=prefect_map)
+        logger.info("%s %s: %s", step.name, "cached, skipped" if result["skipped"] else "built", result["path"])
+        results[step.name] = result
+    return results
