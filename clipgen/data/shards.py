@@ -96,14 +96,17 @@ def iter_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield current_key, current
 
 
-def write_manifest(root: Path, source: str, shards: dict[str, list[ShardInfo]], skipped: list[Skipped]) -> dict:
-    """Write ``root/manifest.json``: per-split shard counts, bytes, digests, and every skipped input."""
+def write_manifest(root: Path, source: str, shards: dict[str, list[ShardInfo]], skipped: list[Skipped],
+                   notes: dict[str, int] | None = None) -> dict:
+    """Write ``root/manifest.json``: per-split shard counts, bytes, digests, every skipped input, and
+    ``notes``: counts of odd-but-valid inputs that were kept after a conversion (CMYK, animated, ...)."""
     manifest = {
         "source": source,
         "counts": {split: sum(s.count for s in infos) for split, infos in shards.items()},
         "shards": {split: [asdict(s) for s in infos] for split, infos in shards.items()},
         "skipped": [asdict(s) for s in skipped],
         "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
+        "notes": dict(sorted((notes or {}).items())),
     }
     write_json_atomic(Path(root) / "manifest.json", manifest)
     return manifest

@@ -1,0 +1,301 @@
+"""Ingest an image folder or a URL list into WebDataset shards (DESIGN.md sections 3 and 7).
+
+Both sources end in the same place: every input is read as bytes, decoded and resized by
+:func:`clipgen.data.images.load_rgb` in a pool of worker processes, and written as ``KEY.jpg`` +
+``KEY.json`` to ``root/{train,heldout}/NNNNN.tar`` with a ``manifest.json`` that counts every skipped
+input by reason and every odd-but-valid input by note. Keys are hashes of the input's name (relative
+path or URL), samples are written in key order (a fixed pseudo-random order, so one class folder never
+fills a shard), and the split is a hash of the key: a rerun gives byte-identical shards.
+
+URL lists are downloaded with img2dataset (raw bytes, no re-encoding), then go through the same decoder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import os
+import shutil
+import stat
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from clipgen.config import DataConfig
+from clipgen.data.images import Decoded, decode_source, os_reason
+from clipgen.data.shards import Sample, ShardInfo, Skipped, write_manifest, write_shards
+
+SPLITS = ("train", "heldout")
+URL_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+
+
+class IngestError(RuntimeError):
+    """An ingest that cannot produce a dataset. The message names the input and the fix."""
+
+
+class Candidate(NamedTuple):
+    key: str
+    label: str  # what the manifest calls this input: a relative path or a URL
+    split: str
+    source: tuple[str, int, int]  # (file, byte offset, length or -1): where the worker reads the bytes
+    meta: dict[str, Any]  # written into KEY.json beside the decoder's fields
+
+
+# ----------------------------------------------------------------------------------------- shared
+def make_key(name: str) -> str:
+    """Stable, unique, dot-free sample key for an input name (dots would split WebDataset members)."""
+    # surrogateescape: Linux file names need not be valid UTF-8, and such files are still images
+    return hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def split_of(key: str, heldout_fraction: float) -> str:
+    """'heldout' for a fixed ``heldout_fraction`` of keys, chosen by hash; 'train' for the rest."""
+    position = int(hashlib.sha1(key.encode("ascii")).hexdigest(), 16) / float(1 << 160)
+    return "heldout" if position < heldout_fraction else "train"
+
+
+@contextmanager
+def decoder_map(data: DataConfig, n_jobs: int) -> Iterator[Callable[[Iterable[tuple]], Iterator[Decoded]]]:
+    """An order-preserving ``map`` of :func:`decode_source` over ``data.workers`` processes."""
+    job = partial(decode_source, image_size=data.image_size, max_pixels=data.max_pixels, min_side=data.min_side)
+    if data.workers == 1:
+        yield lambda sources: map(job, sources)
+        return
+    chunksize = max(1, min(64, n_jobs // (data.workers * 8)))
+    # spawn, not fork: the caller may be a threaded Prefect worker, and forking threads can deadlock.
+    with ProcessPoolExecutor(data.workers, mp_context=get_context("spawn")) as pool:
+        yield lambda sources: pool.map(job, sources, chunksize=chunksize)
+
+
+def write_candidates(candidates: list[Candidate], data: DataConfig, root: Path,
+                     skipped: list[Skipped]) -> tuple[dict[str, list[ShardInfo]], Counter]:
+    """Decode and shard every candidate by split; appends decode failures to ``skipped``. -> (shards, notes)"""
+    candidates = sorted(candidates, key=lambda c: c.key)
+    notes: Counter = Counter()
+    shards: dict[str, list[ShardInfo]] = {}
+    with decoder_map(data, len(candidates)) as decode:
+        for split in SPLITS:
+            chosen = [c for c in candidates if c.split == split]
+            results = decode(c.source for c in chosen)
+            samples = _samples(chosen, results, skipped, notes)
+            shards[split] = write_shards(samples, root, split, data.shard_size)
+    return shards, notes
+
+
+def _samples(chosen: list[Candidate], results: Iterable[Decoded], skipped: list[Skipped],
+             notes: Counter) -> Iterator[Sample]:
+    for candidate, out in zip(chosen, results, strict=True):
+        if out.reason is not None:
+            skipped.append(Skipped(candidate.label, out.reason))
+            continue
+        if out.note:
+            notes.update(out.note.split("; "))
+        meta = {**candidate.meta, "width": out.width, "height": out.height, "note": out.note}
+        yield Sample(candidate.key, out.jpeg, "jpg", meta)
+
+
+def finish(root: Path, source: str, shards: dict[str, list[ShardInfo]], skipped: list[Skipped],
+           notes: Counter) -> dict:
+    """Write the manifest (plus ``notes`` counts); refuse a dataset with no image in it."""
+    skipped = sorted(skipped, key=lambda s: (s.input, s.reason))
+    manifest = write_manifest(root, source, shards, skipped, notes)
+    if sum(manifest["counts"].values()) == 0:
+        raise IngestError(f"{source}: no usable image among {len(skipped)} inputs; skipped by reason: "
+                          f"{manifest['skipped_by_reason']}. Fix or replace those inputs (see {root}/manifest.json)")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------- folder
+def ingest_folder(data: DataConfig, root: Path) -> dict:
+    """Shard every image under ``data.path`` (recursively, any format Pillow reads). Returns the manifest."""
+    folder = _check_folder(data.path)
+    names, skipped = find_files(folder)
+    if not names and not skipped:
+        raise IngestError(f"data.path {data.path!r} holds no files; put images (any format Pillow reads, "
+                          "in any sub-folders) under it, or point data.path at the folder that has them")
+    candidates = [_file_candidate(folder, name, data.heldout_fraction) for name in names]
+    if len({c.key for c in candidates}) != len(candidates):
+        raise IngestError(f"two paths under {data.path!r} hash to the same key; rename one of them")
+    shards, notes = write_candidates(candidates, data, Path(root), skipped)
+    return finish(root, f"folder:{data.path}", shards, skipped, notes)
+
+
+def _check_folder(path: str | None) -> Path:
+    if path is None:
+        raise IngestError("data.path is not set; set it to the folder of images (data.source: folder)")
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise IngestError(f"data.path {path!r} {what}; set data.path to a folder of images")
+    return folder
+
+
+def find_files(folder: Path) -> tuple[list[str], list[Skipped]]:
+    """Sorted POSIX paths (relative to ``folder``) of the files to decode, and inputs skipped on the way."""
+    names: list[str] = []
+    skipped: list[Skipped] = []
+
+    def relative(path: str) -> str:
+        return Path(os.path.relpath(path, folder)).as_posix()
+
+    def on_error(exc: OSError) -> None:  # a sub-folder that cannot be listed
+        skipped.append(Skipped(relative(exc.filename or str(folder)), os_reason(exc)))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=on_error, followlinks=False):
+        dirnames.sort()  # os.walk descends in this order: sorting makes the walk deterministic
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                # not followed (loops, duplicates), but never silently lost either
+                skipped.append(Skipped(relative(os.path.join(dirpath, name)), "symlinked folder not followed"))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            problem = _file_problem(path)
+            if problem is None:
+                names.append(relative(path))
+            else:
+                skipped.append(Skipped(relative(path), problem))
+    return names, skipped
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as a file (stat follows links), or None when it is a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return os_reason(exc)
+    # FIFOs and devices would block or never end; they are never images.
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _file_candidate(folder: Path, name: str, heldout_fraction: float) -> Candidate:
+    key = make_key(name)
+    split = split_of(key, heldout_fraction)
+    return Candidate(key, name, split, (str(folder / name), 0, -1), {"source_path": name, "split": split})
+
+
+# ------------------------------------------------------------------------------------------- URLs
+def ingest_urls(data: DataConfig, root: Path) -> dict:
+    """Download the URL list ``data.path`` with img2dataset, then shard it. Returns the manifest."""
+    url_list, input_format = _check_url_list(data)
+    download = _import_img2dataset()
+    staging = Path(root) / ".img2dataset"  # inside the artifact, so it shares its disk and its fate
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _download(download, data, url_list, input_format, staging)
+        rows, skipped = read_download_results(staging)
+        candidates = _url_candidates(rows, data, skipped)
+        shards, notes = write_candidates(candidates, data, Path(root), skipped)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return finish(root, f"urls:{data.path}", shards, skipped, notes)
+
+
+def _check_url_list(data: DataConfig) -> tuple[Path, str]:
+    path = Path(data.path or "")
+    if data.path is None or not path.is_file():
+        raise IngestError(f"data.path {data.path!r} is not a file; set it to a URL list (.csv, .tsv or .parquet)")
+    input_format = URL_FORMATS.get(path.suffix.lower())
+    if input_format is None:
+        raise IngestError(f"data.path {data.path!r}: unknown URL list type; use one of {sorted(URL_FORMATS)}")
+    columns = _columns(path, input_format)
+    for key, column in (("data.url_column", data.url_column), ("data.caption_column", data.caption_column)):
+        if column is not None and column not in columns:
+            raise IngestError(f"{key} = {column!r} is not a column of {data.path}; its columns are {columns}")
+    return path, input_format
+
+
+def _columns(path: Path, input_format: str) -> list[str]:
+    if input_format == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f, delimiter="\t" if input_format == "tsv" else ","), [])
+
+
+def _import_img2dataset() -> Callable[..., Any]:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would phone home on import
+    try:
+        with warnings.catch_warnings():  # its `import imghdr` warns on every import; not ours to fix
+            warnings.filterwarnings("ignore", "'imghdr' is deprecated", DeprecationWarning)
+            from img2dataset import download
+    except ImportError as exc:
+        raise IngestError(f"img2dataset is needed for data.source: urls but cannot be imported ({exc}); "
+                          "run `make install`") from exc
+    return download
+
+
+def _download(download: Callable[..., Any], data: DataConfig, url_list: Path, input_format: str,
+              staging: Path) -> None:
+    kwargs = dict(
+        url_list=str(url_list), input_format=input_format, url_col=data.url_column,
+        caption_col=data.caption_column, output_format="webdataset", output_folder=str(staging),
+        # Raw bytes: our own decoder applies EXIF rotation, 16-bit scaling, alpha-on-white and the
+        # decompression-bomb check, exactly as for folders (cv2 in img2dataset does not).
+        disable_all_reencoding=True, image_size=data.image_size, resize_mode="center_crop",
+        resize_only_if_bigger=False, processes_count=data.workers, thread_count=32,
+        extract_exif=False, compute_hash=None, enable_wandb=False,
+    )
+    if "disable_all_reporting" in inspect.signature(download).parameters:
+        kwargs["disable_all_reporting"] = True
+    download(**kwargs)
+
+
+class DownloadedRow(NamedTuple):
+    url: str
+    caption: str | None
+    source: tuple[str, int, int]  # the image member's byte range inside an img2dataset tar
+
+
+def read_download_results(staging: Path) -> tuple[list[DownloadedRow], list[Skipped]]:
+    """img2dataset's successes (located inside its tars) and its failures (as skipped inputs)."""
+    import pyarrow.parquet as pq
+
+    rows: list[DownloadedRow] = []
+    skipped: list[Skipped] = []
+    for table_path in sorted(staging.glob("*.parquet")):
+        members = _tar_members(table_path.with_suffix(".tar"))
+        table = pq.read_table(table_path).to_pylist()
+        for row in table:
+            if row["status"] != "success" or row["key"] not in members:
+                message = row.get("error_message") or "missing from img2dataset output"
+                skipped.append(Skipped(row["url"], f"download failed: {message}"))
+            else:
+                rows.append(DownloadedRow(row["url"], row.get("caption"), members[row["key"]]))
+    return rows, skipped
+
+
+def _tar_members(tar_path: Path) -> dict[str, tuple[str, int, int]]:
+    """img2dataset key -> byte range of its image member (captions and json are ours to ignore)."""
+    if not tar_path.is_file():
+        return {}
+    members = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            if member.isfile() and ext not in ("json", "txt"):
+                members[key] = (str(tar_path), member.offset_data, member.size)
+    return members
+
+
+def _url_candidates(rows: list[DownloadedRow], data: DataConfig, skipped: list[Skipped]) -> list[Candidate]:
+    candidates: dict[str, Candidate] = {}
+    for row in sorted(rows, key=lambda r: (r.url, r.caption or "")):  # img2dataset's order is not fixed
+        key = make_key(row.url)
+        if key in candidates:
+            skipped.append(Skipped(row.url, "duplicate url"))
+            continue
+        split = split_of(key, data.heldout_fraction)
+        meta = {"url": row.url, "split": split}
+        if data.caption_column is not None:
+            meta["caption"] = row.caption  # for evaluation only; the generator never reads captions
+        candidates[key] = Candidate(key, row.url, split, row.source, meta)
+    return list(candidates.values())
