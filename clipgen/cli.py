@@ -48,6 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.pipeline, args.overrides)  # fail on bad config before Prefect starts
     parse_stages(args.stages)
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipgen")
+    if os.environ.get("PREFECT_HOME"):  # Prefect's local database cannot be created in a missing folder
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     from flows.pipeline import clip_gen  # Prefect is imported here, never by the library
 
     results = clip_gen(pipeline=str(args.pipeline), overrides=args.overrides, stages=args.stages)
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipgen").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as exc:

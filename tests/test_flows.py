@@ -1,0 +1,49 @@
+"""The real entry point: `clipgen run` drives the Prefect clip-gen flow (ephemeral mode) at a tiny size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from clipgen.pipeline import STAGES
+from flows.pipeline import STAGE_FLOWS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.world.n_captioned=40", "data.world.n_train=60", "data.world.n_heldout=30", "data.world.n_judge=256",
+        "data.judge.steps=5", "data.judge.batch_size=32", "data.shard_size=25"]
+
+
+def clipgen(tmp_path, *args):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+    out = subprocess.run([sys.executable, "-m", "clipgen.cli", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+def test_every_stage_has_a_flow():
+    assert list(STAGE_FLOWS) == list(STAGES)
+
+
+def test_run_builds_then_skips_and_reports_status(tmp_path):
+    args = ["--set", f"run_dir={tmp_path / 'run'}", *sum((["--set", o] for o in TINY), [])]
+    first = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", "ingest", *args)
+    assert "shards     built" in first and "judge      built" in first
+    manifest = json.loads(next((tmp_path / "run/shards").glob("*/manifest.json")).read_text())
+    assert manifest["counts"] == {"captioned": 40, "train": 60, "heldout": 30}
+    assert (tmp_path / "run/pipeline.yaml").is_file()
+    second = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", "ingest", *args)
+    assert "shards     cached" in second and "judge      cached" in second
+    status = clipgen(tmp_path, "status", str(tmp_path / "run"))
+    assert status.count("cached") == 2
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    out = subprocess.run([sys.executable, "-m", "clipgen.cli", "run", "pipelines/shapes.yaml", "--set",
+                          "gpt.n_layers=3", "--set", f"run_dir={tmp_path / 'run'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean 'n_layer'" in out.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "prefect").exists()
