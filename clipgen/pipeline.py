@@ -18,10 +18,11 @@ from typing import Any
 import yaml
 
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
-from clipgen.config import ConfigError, PipelineConfig, to_dict
+from clipgen.config import ConfigError, PipelineConfig
+from clipgen.stages import embed, ingest
 
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
-STAGES: tuple[str, ...] = ("ingest",)
+STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed")
 
 # How a step fans out over independent parts (shards): the library maps serially; flows pass a
 # function that maps through Prefect's task runner (threads or Dask) instead.
@@ -37,51 +38,21 @@ class Step:
     name: str
     stage: str  # the user-facing stage that runs this step
     kind: str  # artifact folder under the run dir
-    inputs: tuple[str, ...]  # names of the steps whose artifacts this one reads
+    inputs: tuple[str, ...]  # steps whose artifacts this one reads (those that don't apply are dropped)
     code_version: str  # bump when the step's output changes for the same config
     config: Callable[[PipelineConfig], dict[str, Any]]  # the output-affecting config
     build: Callable[[PipelineConfig, dict[str, Artifact], Path, MapFn], dict[str, Any]]
     applies: Callable[[PipelineConfig], bool] = lambda cfg: True
 
 
-def _shards_config(cfg: PipelineConfig) -> dict[str, Any]:
-    data = to_dict(cfg.data, output_only=True)
-    data.pop("judge")
-    if cfg.data.source != "world":
-        data.pop("world")
-    return data
-
-
-def _build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn: MapFn) -> dict[str, Any]:
-    if cfg.data.source == "world":
-        from clipgen.data.world import ingest_world
-
-        manifest = ingest_world(cfg.data, out)
-    elif cfg.data.source == "folder":
-        from clipgen.data.ingest import ingest_folder
-
-        manifest = ingest_folder(cfg.data, out)
-    else:
-        from clipgen.data.ingest import ingest_urls
-
-        manifest = ingest_urls(cfg.data, out)
-    return {"counts": manifest["counts"], "skipped_by_reason": manifest["skipped_by_reason"]}
-
-
-def _judge_config(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"image_size": cfg.data.image_size, "world": to_dict(cfg.data.world), "judge": to_dict(cfg.data.judge)}
-
-
-def _build_judge(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn: MapFn) -> dict[str, Any]:
-    from clipgen.judge import train_judge
-
-    return train_judge(cfg.data, out)
-
-
 STEPS: tuple[Step, ...] = (
-    Step("shards", "ingest", "shards", (), "1", _shards_config, _build_shards),
-    Step("judge", "ingest", "judge", (), "1", _judge_config, _build_judge,
+    Step("shards", "ingest", "shards", (), "1", ingest.shards_config, ingest.build_shards),
+    Step("judge", "ingest", "judge", (), "1", ingest.judge_config, ingest.build_judge,
          applies=lambda cfg: cfg.data.source == "world"),
+    Step("toyclip", "pretrain-clip", "ckpt/clip", ("shards",), "1", embed.toyclip_config, embed.build_toyclip,
+         applies=lambda cfg: cfg.clip.model == "toy-clip"),
+    Step("embeddings", "embed", "cache/clip", ("shards", "toyclip"), "1", embed.embed_config,
+         embed.build_embeddings),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}
 
@@ -109,7 +80,7 @@ def plan(cfg: PipelineConfig) -> dict[str, Artifact]:
     for step in STEPS:
         if not step.applies(cfg):
             continue
-        input_ids = [artifacts[name].id for name in step.inputs]
+        input_ids = [artifacts[name].id for name in step.inputs if name in artifacts]
         sid = stage_id(step.name, step.config(cfg), input_ids, step.code_version)
         artifacts[step.name] = Artifact(cfg.run_path, step.kind, sid)
     return artifacts
@@ -119,7 +90,7 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
     """Build one step's artifact unless it is already complete. Its inputs must be complete."""
     step = STEPS_BY_NAME[name]
     artifacts = plan(cfg)
-    inputs = {n: artifacts[n] for n in step.inputs}
+    inputs = {n: artifacts[n] for n in step.inputs if n in artifacts}
     for n, art in inputs.items():
         if not art.is_complete():
             raise RuntimeError(

@@ -28,6 +28,15 @@ def prefect_map(fn, items) -> list:
     return [f.result() for f in futures]
 
 
+def with_task_runner(stage_flow, cfg: PipelineConfig):
+    """The stage flow with the configured task runner for its shard-parallel parts."""
+    if cfg.orchestration.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_workers))
+    raise NotImplementedError("orchestration.task_runner: dask arrives with the orchestration work; use threads")
+
+
 def run_stage(cfg: PipelineConfig, stage: str) -> dict[str, dict]:
     """Run every step of ``stage`` in order; returns {step name: result}."""
     logger = get_run_logger()

@@ -5,10 +5,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from clipgen.pipeline import parse_stages, save_run_config
-from flows.common import load
+from flows.common import load, with_task_runner
+from flows.embed import embed
 from flows.ingest import ingest
+from flows.pretrain_clip import pretrain_clip
 
-STAGE_FLOWS = {"ingest": ingest}
+STAGE_FLOWS = {"ingest": ingest, "pretrain-clip": pretrain_clip, "embed": embed}
 
 
 @flow(name="clip-gen")
@@ -21,5 +23,5 @@ def clip_gen(pipeline: str = "pipelines/shapes.yaml", overrides: list[str] | Non
     results = {}
     for stage in parse_stages(stages):
         logger.info("stage %s", stage)
-        results[stage] = STAGE_FLOWS[stage](pipeline, overrides)
+        results[stage] = with_task_runner(STAGE_FLOWS[stage], cfg)(pipeline, overrides)
     return results

@@ -1,0 +1,147 @@
+"""The ``pretrain-clip`` and ``embed`` stages.
+
+``pretrain-clip`` (toy CLIP only) trains the bundled open_clip model contrastively on the *captioned*
+world split and records its zero-shot accuracy and modality gap. ``embed`` writes the CLIP image
+embedding of every train/heldout sample to per-shard Parquet, one shard per mapped task, and a faiss
+index over the train embeddings. Finished shard files are reused after an interruption.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clipgen.artifacts import Artifact, file_digest, write_json_atomic
+from clipgen.config import PipelineConfig, to_dict
+from clipgen.data.images_array import decode_image
+from clipgen.data.shards import iter_shard, shard_paths
+
+EMBED_SPLITS = ("train", "heldout")
+# Zero-shot probes: each class embedding is the mean over these templates (CLIP prompt ensembling).
+PROBE_TEMPLATES = {
+    "colour": ["a {} shape", "a picture of a {} shape", "a {} object"],
+    "shape": ["a {}", "a picture of a {}", "an image of a {}"],
+}
+PROBE_IMAGES = 2000
+
+
+# ---------------------------------------------------------------------------------- pretrain-clip
+class LabeledImages(NamedTuple):
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    meta: list[dict[str, Any]]  # each sample's json (captions and attributes live here)
+
+
+def read_labeled_split(shard_root: Path, split: str, image_size: int, limit: int | None = None) -> LabeledImages:
+    """Images and their json of one split. Only the toy CLIP and evaluation may read the json."""
+    images, metas = [], []
+    for shard in shard_paths(shard_root, split):
+        for _, members in iter_shard(shard):
+            image = decode_image(members, image_size)
+            if image is None or "json" not in members:
+                continue
+            images.append(image)
+            metas.append(json.loads(members["json"]))
+            if limit is not None and len(images) >= limit:
+                return LabeledImages(np.stack(images), metas)
+    return LabeledImages(np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8), metas)
+
+
+def toyclip_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"model": cfg.clip.model, "image_size": cfg.data.image_size, "toy": to_dict(cfg.clip.toy)}
+
+
+def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.clip import load_clip
+    from clipgen.train.clip import CaptionedImages, pretrain_toy_clip
+
+    shards = inputs["shards"].path
+    train = read_labeled_split(shards, "captioned", cfg.data.image_size)
+    held = read_labeled_split(shards, "heldout", cfg.data.image_size, limit=PROBE_IMAGES)
+    summary = pretrain_toy_clip(CaptionedImages(train.images, [m["caption"] for m in train.meta]), cfg.clip.toy,
+                                out, CaptionedImages(held.images, [m["caption"] for m in held.meta]),
+                                model=cfg.clip.model)
+    probe = probe_clip(load_clip(cfg.clip.model, str(out)), held)
+    write_json_atomic(out / "probe.json", probe)
+    return {**summary, **probe}
+
+
+def probe_clip(clip, held: LabeledImages) -> dict[str, Any]:
+    """Zero-shot accuracy per attribute (nearest class prompt) and the image/text modality gap."""
+    from clipgen.data.world import COLOUR_NAMES, SHAPES
+    from clipgen.train.clip import modality_gap, zero_shot_accuracy
+
+    labels = {"colour": [m["colour"] for m in held.meta], "shape": [m["shape"] for m in held.meta]}
+    accuracy = zero_shot_accuracy(clip, held.images, labels, {"colour": list(COLOUR_NAMES), "shape": list(SHAPES)},
+                                  PROBE_TEMPLATES)
+    gap = modality_gap(clip, held.images, [m["caption"] for m in held.meta],
+                       [f"{m['colour']} {m['shape']}" for m in held.meta])
+    return {"zero_shot": accuracy, "modality_gap": gap, "probe_images": len(held.meta)}
+
+
+# ------------------------------------------------------------------------------------------ embed
+@functools.lru_cache(maxsize=16)
+def _weights_digest(path: str, size: int, mtime: float) -> str:
+    return file_digest(Path(path))  # keyed on size+mtime so a file is hashed once per process
+
+
+def clip_identity(cfg: PipelineConfig) -> dict[str, Any]:
+    """What determines the embeddings: architecture, weights digest and preprocessing; nothing else."""
+    import open_clip
+
+    from clipgen.clip import register_toy_clip
+
+    register_toy_clip()
+    model, pretrained = cfg.clip.model, cfg.clip.pretrained
+    identity: dict[str, Any] = {"model": model, "arch": open_clip.get_model_config(model)}
+    if model == "toy-clip":
+        return identity  # its weights are the pretrain-clip artifact, whose id is an input
+    if pretrained and Path(pretrained).is_file():
+        stat = Path(pretrained).stat()
+        identity["weights"] = "sha256:" + _weights_digest(str(Path(pretrained).resolve()), stat.st_size, stat.st_mtime)
+    else:
+        identity["weights"] = pretrained  # an open_clip tag (fixed weights) or None (seeded random init)
+        identity["tag"] = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else None
+    return identity
+
+
+def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"clip": clip_identity(cfg), "index": cfg.clip.index, "ivfpq_min_size": cfg.clip.ivfpq_min_size}
+
+
+class ShardJob(NamedTuple):
+    shard: Path
+    out: Path
+
+    @property
+    def label(self) -> str:
+        return f"embed {self.out.parent.name}/{self.shard.name}"
+
+
+def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.clip import load_clip
+    from clipgen.embed import cache_files, embed_shard, read_embeddings
+    from clipgen.index import build_index, save_index
+
+    weights = str(inputs["toyclip"].path) if "toyclip" in inputs else cfg.clip.pretrained
+    clip = load_clip(cfg.clip.model, weights)
+    jobs = [ShardJob(shard, out / split / f"{shard.stem}.parquet")
+            for split in EMBED_SPLITS for shard in shard_paths(inputs["shards"].path, split)]
+    todo = [job for job in jobs if not job.out.is_file()]  # finished shards survive an interruption
+
+    def embed(job: ShardJob) -> dict[str, Any]:
+        result = embed_shard(clip, job.shard, job.out, cfg.clip.batch_size, num_workers=cfg.data.workers)
+        write_json_atomic(job.out.with_suffix(".skipped.json"), result.skipped_keys)
+        return {"count": result.count, "skipped": len(result.skipped_keys)}
+
+    map_fn(embed, todo)
+    train = read_embeddings(cache_files(out, "train"))
+    save_index(build_index(train.vectors, cfg.clip.index, cfg.clip.ivfpq_min_size), train.keys, out)
+    skipped = sum(len(json.loads(p.read_text())) for p in out.glob("*/*.skipped.json"))
+    counts = {split: sum(pq.ParquetFile(p).metadata.num_rows for p in cache_files(out, split))
+              for split in EMBED_SPLITS}
+    return {"counts": counts, "skipped": skipped, "embed_dim": clip.embed_dim, "index_size": len(train.keys)}

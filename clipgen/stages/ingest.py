@@ -1,0 +1,44 @@
+"""The ``ingest`` stage: source images -> WebDataset shards, and (shapes world only) the attribute judge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clipgen.artifacts import Artifact
+from clipgen.config import PipelineConfig, to_dict
+
+
+def shards_config(cfg: PipelineConfig) -> dict[str, Any]:
+    data = to_dict(cfg.data, output_only=True)
+    data.pop("judge")
+    if cfg.data.source != "world":
+        data.pop("world")
+    return data
+
+
+def build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    if cfg.data.source == "world":
+        from clipgen.data.world import ingest_world
+
+        manifest = ingest_world(cfg.data, out)
+    elif cfg.data.source == "folder":
+        from clipgen.data.ingest import ingest_folder
+
+        manifest = ingest_folder(cfg.data, out)
+    else:
+        from clipgen.data.ingest import ingest_urls
+
+        manifest = ingest_urls(cfg.data, out)
+    return {"counts": manifest["counts"], "skipped_by_reason": manifest["skipped_by_reason"],
+            "notes": manifest.get("notes", {})}
+
+
+def judge_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"image_size": cfg.data.image_size, "world": to_dict(cfg.data.world), "judge": to_dict(cfg.data.judge)}
+
+
+def build_judge(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.judge import train_judge
+
+    return train_judge(cfg.data, out)

@@ -1,0 +1,92 @@
+"""The pretrain-clip and embed steps at a tiny size, run through the library (no Prefect)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from clipgen.config import load_config
+from clipgen.embed import cache_files, read_embeddings
+from clipgen.index import load_index, search
+from clipgen.pipeline import plan, run_step
+
+TINY = ["data.world.n_captioned=64", "data.world.n_train=48", "data.world.n_heldout=24", "data.shard_size=16",
+        "clip.toy.steps=3", "clip.toy.batch_size=16", "data.workers=1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    cfg = load_config("pipelines/shapes.yaml", [*TINY, f"run_dir={root}"])
+    for step in ("shards", "toyclip", "embeddings"):
+        run_step(cfg, step)
+    return cfg
+
+
+def test_embed_writes_every_sample_once_and_an_index(run):
+    art = plan(run)["embeddings"]
+    train = read_embeddings(cache_files(art.path, "train"))
+    held = read_embeddings(cache_files(art.path, "heldout"))
+    assert len(train.keys) == 48 and len(set(train.keys)) == 48 and len(held.keys) == 24
+    assert train.vectors.shape[1] == art.summary()["embed_dim"]
+    found = search(load_index(art.path), train.vectors[:5], k=1)
+    assert np.all(found.scores[:, 0] > 0.999)  # each vector finds itself (or an exact twin: weak toy CLIP)
+    probe = json.loads((plan(run)["toyclip"].path / "probe.json").read_text())
+    assert set(probe["zero_shot"]) == {"colour", "shape"} and "cos_image_caption" in probe["modality_gap"]
+
+
+def test_rerun_skips_and_an_interrupted_embed_redoes_only_missing_shards(run, monkeypatch):
+    art = plan(run)["embeddings"]
+    assert run_step(run, "embeddings")["skipped"] is True
+    files = cache_files(art.path, "train")
+    before = {p.name: p.read_bytes() for p in files}
+    files[1].unlink()  # as if killed after the other shards finished
+    art.marker.unlink()
+    calls = []
+
+    import clipgen.embed as embed_module
+    real = embed_module.embed_shard
+    monkeypatch.setattr(embed_module, "embed_shard", lambda clip, shard, out, *a, **k: calls.append(out.name)
+                        or real(clip, shard, out, *a, **k))
+    result = run_step(run, "embeddings")
+    assert result["skipped"] is False and calls == [files[1].name]
+    assert {p.name: p.read_bytes() for p in cache_files(art.path, "train")} == before
+
+
+def test_embed_id_follows_the_clip_and_nothing_else(run):
+    base = plan(run)["embeddings"].id
+    assert plan(load_config("pipelines/shapes.yaml", [*TINY, "clip.batch_size=7"]))["embeddings"].id == base
+    assert plan(load_config("pipelines/shapes.yaml", [*TINY, "clip.toy.steps=4"]))["embeddings"].id != base
+    assert plan(load_config("pipelines/shapes.yaml", [*TINY, "gpt.n_layer=2"]))["embeddings"].id == base
+    real = plan(load_config("pipelines/shapes.yaml", [*TINY, "clip.model=ViT-B-32"]))
+    assert "toyclip" not in real and real["embeddings"].id != base
+
+
+def test_local_checkpoint_digest_is_part_of_the_id(tmp_path):
+    ckpt = tmp_path / "w.safetensors"
+    ckpt.write_bytes(b"a" * 10)
+    first = plan(load_config("pipelines/shapes.yaml", ["clip.model=ViT-B-32", f"clip.pretrained={ckpt}"]))
+    ckpt.write_bytes(b"b" * 11)
+    second = plan(load_config("pipelines/shapes.yaml", ["clip.model=ViT-B-32", f"clip.pretrained={ckpt}"]))
+    assert first["embeddings"].id != second["embeddings"].id
+
+
+def test_language_free_embeddings_ignore_captions(run, tmp_path):
+    """Strip every json member from the shards and embed again: identical embeddings."""
+    import tarfile
+
+    from clipgen.clip import load_clip
+    from clipgen.embed import embed_shard
+    shards = sorted((plan(run)["shards"].path / "train").glob("*.tar"))
+    clip = load_clip("toy-clip", str(plan(run)["toyclip"].path))
+    for shard in shards[:1]:
+        bare = tmp_path / shard.name
+        with tarfile.open(shard) as src, tarfile.open(bare, "w") as dst:
+            for member in src:
+                if not member.name.endswith(".json"):
+                    dst.addfile(member, src.extractfile(member))
+        a = embed_shard(clip, shard, tmp_path / "a.parquet", num_workers=0)
+        b = embed_shard(clip, bare, tmp_path / "b.parquet", num_workers=0)
+        assert a.count == b.count == 16
+        ea, eb = read_embeddings([tmp_path / "a.parquet"]), read_embeddings([tmp_path / "b.parquet"])
+        assert ea.keys == eb.keys and np.array_equal(ea.vectors, eb.vectors)
