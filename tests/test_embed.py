@@ -17,6 +17,8 @@ class MeanColourEncoder:
     """Maps an image to a fixed random projection of its pixels: deterministic and image-dependent."""
 
     embed_dim = 16
+    image_size = 8
+    preprocess_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
     def __init__(self):
         self.proj = torch.randn(3 * 8 * 8, self.embed_dim, generator=torch.Generator().manual_seed(0))

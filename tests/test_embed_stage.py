@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from clipgen.config import load_config
 from clipgen.embed import cache_files, read_embeddings
@@ -90,3 +91,21 @@ def test_language_free_embeddings_ignore_captions(run, tmp_path):
         assert a.count == b.count == 16
         ea, eb = read_embeddings([tmp_path / "a.parquet"]), read_embeddings([tmp_path / "b.parquet"])
         assert ea.keys == eb.keys and np.array_equal(ea.vectors, eb.vectors)
+
+
+def test_fast_path_for_model_sized_images_matches_clip_preprocessing(run):
+    from PIL import Image
+
+    from clipgen.clip import load_clip
+    from clipgen.embed import ShardImages
+
+    clip = load_clip("toy-clip", str(plan(run)["toyclip"].path))
+    pixels = np.random.default_rng(0).integers(0, 256, (clip.image_size, clip.image_size, 3), dtype=np.uint8)
+    cfg = clip.preprocess_cfg
+    images = ShardImages(plan(run)["shards"].path, clip.preprocess, clip.image_size, cfg["mean"], cfg["std"])
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    fast = images._decode({"png": buf.getvalue()})
+    slow = clip.preprocess(Image.fromarray(pixels))
+    assert torch.allclose(fast, slow, atol=1e-5)
