@@ -94,8 +94,8 @@ class ClipConfig:
 @dataclass
 class VQGANConfig:
     preset: str | None = None
-    base_channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # len-1 halvings => f4
+    base_channels: int = 16
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # len-1 halvings => f4
     n_res_blocks: int = 1
     attn_resolutions: list[int] = field(default_factory=list)
     quantizer: Literal["vq", "fsq"] = "fsq"
@@ -103,13 +103,18 @@ class VQGANConfig:
     code_dim: int = 8  # VQ: l2-normalised low-dimensional code size
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     beta: float = 0.25  # VQ commitment weight
+    ema_decay: float = 0.99  # VQ EMA codebook decay
+    dead_code_threshold: float = 0.1  # VQ: restart codes used less than this share of a uniform code's use
+    l2_weight: float = 1.0  # reconstruction = L1 + l2_weight * L2
     perceptual: Literal["none", "lpips"] = "none"
+    perceptual_weight: float = 1.0
     lpips_weights: str | None = None  # local path to LPIPS backbone weights (no download here)
     disc_start: int = 0  # step at which the discriminator starts training; 0 = no GAN loss
     disc_warmup: int = 500  # discriminator-only steps before its generator term switches on
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-4
+    disc_weight: float = 0.8
+    steps: int = 2000
+    batch_size: int = 16  # global batch per optimiser step (split over ranks and grad_accum)
+    lr: float = 2e-3
 
     @property
     def downsample(self) -> int:
@@ -310,6 +315,7 @@ def validate(cfg: PipelineConfig) -> None:
     for name in ("n_captioned", "n_train", "n_heldout", "n_judge"):
         _check(getattr(d.world, name) > 0, f"data.world.{name}", "must be > 0")
     _check(len(v.channel_mult) >= 1, "vqgan.channel_mult", "needs at least one entry")
+    _check(v.n_res_blocks >= 1, "vqgan.n_res_blocks", "must be >= 1")
     _check(v.codebook_size >= 2, "vqgan.codebook_size", "must be >= 2")
     if v.quantizer == "fsq":
         product = 1

@@ -10,11 +10,9 @@ label names in id order, image size) and ``metrics.json`` (held-out accuracy, tr
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from clipgen.artifacts import atomic_path, write_json_atomic
 from clipgen.config import DataConfig, JudgeConfig
 from clipgen.data.shards import iter_shard, shard_paths
 from clipgen.data.world import COLOUR_NAMES, SHAPES, WorldArrays, world_arrays
+from clipgen.train.loop import free_cpu_threads, torch_threads
 
 WEIGHTS, CONFIG, METRICS = "judge.safetensors", "config.json", "metrics.json"
 PREDICT_BATCH = 512
@@ -153,29 +152,6 @@ def load_judge(path: Path, device: str = "cpu") -> Judge:
 
 
 # ------------------------------------------------------------------------------------- training
-def training_threads() -> int:
-    """CPU threads for training: the cores this process may use, minus those other processes keep busy.
-
-    Small convolutions synchronise threads many times per step; when a thread shares its core with
-    another busy process the others spin waiting for it, and we measured two threads running 5x slower
-    than one on a loaded 2-core machine. So we only take the cores that look free right now.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, cores - busy)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    """Set torch's CPU thread count for the block, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _blur(x: torch.Tensor) -> torch.Tensor:
     """A mild 3x3 binomial blur per channel."""
     kernel = torch.tensor([1.0, 2.0, 1.0], device=x.device)
@@ -254,14 +230,14 @@ def _accuracy(shape_pred: np.ndarray, colour_pred: np.ndarray, shape_true: np.nd
 def train_judge(data: DataConfig, out_dir: Path) -> dict:
     """Train the judge on the world's ``judge`` split, score it on ``heldout``, save it to ``out_dir``."""
     cfg = data.judge
-    threads = training_threads()  # before rendering, so the load we see is other processes' only
+    threads = free_cpu_threads()  # before rendering, so the load we see is other processes' only
     train = world_arrays(data.world, "judge", data.image_size, workers=data.workers)
     heldout = world_arrays(data.world, "heldout", data.image_size, workers=data.workers)
     torch.manual_seed(cfg.seed)  # the weight init
     arch = JudgeArch()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = JudgeNet(arch, len(SHAPES), len(COLOUR_NAMES)).to(device)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         start = time.perf_counter()
         final_loss = fit_judge(net, train, cfg)
         train_seconds = time.perf_counter() - start

@@ -19,10 +19,10 @@ import yaml
 
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
-from clipgen.stages import embed, ingest
+from clipgen.stages import embed, ingest, tokenizer
 
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
-STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed")
+STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed", "train-vqgan", "tokenize")
 
 # How a step fans out over independent parts (shards): the library maps serially; flows pass a
 # function that maps through Prefect's task runner (threads or Dask) instead.
@@ -53,6 +53,9 @@ STEPS: tuple[Step, ...] = (
          applies=lambda cfg: cfg.clip.model == "toy-clip"),
     Step("embeddings", "embed", "cache/clip", ("shards", "toyclip"), "1", embed.embed_config,
          embed.build_embeddings),
+    Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "1", tokenizer.vqgan_config, tokenizer.build_vqgan),
+    Step("tokens", "tokenize", "cache/tokens", ("shards", "vqgan"), "1", tokenizer.tokens_config,
+         tokenizer.build_tokens),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}
 

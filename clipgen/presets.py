@@ -20,12 +20,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "paper": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "n_prefix": 4},
     },
     "vqgan": {
-        # 32 px shapes, f4 -> 8x8 grid, FSQ 1000 codes
-        "shapes-f4": {"base_channels": 64, "channel_mult": [1, 2, 2], "n_res_blocks": 1, "attn_resolutions": [],
-                      "quantizer": "fsq", "fsq_levels": [8, 5, 5, 5], "codebook_size": 1000},
+        # 32 px shapes, f4 -> 8x8 grid, FSQ 1000 codes: PSNR 30.9 dB, judge agreement 99.2% in 2000 steps
+        "shapes-f4": {"base_channels": 16, "channel_mult": [1, 2, 4], "n_res_blocks": 1, "attn_resolutions": [],
+                      "quantizer": "fsq", "fsq_levels": [8, 5, 5, 5], "codebook_size": 1000,
+                      "steps": 2000, "batch_size": 16, "lr": 2e-3},
+        # the same with l2-normalised VQ (EMA codebook): PSNR 30.2 dB, judge 99.0%, 100% of codes used
+        "shapes-f4-vq": {"base_channels": 16, "channel_mult": [1, 2, 4], "n_res_blocks": 1, "attn_resolutions": [],
+                         "quantizer": "vq", "codebook_size": 1000, "code_dim": 8,
+                         "steps": 2000, "batch_size": 16, "lr": 2e-3},
         # 256 px real data, f16 -> 16x16 grid, 16384 l2-normalised VQ codes (taming/LlamaGen scale)
         "f16-16384": {"base_channels": 128, "channel_mult": [1, 1, 2, 2, 4], "n_res_blocks": 2,
-                      "attn_resolutions": [16], "quantizer": "vq", "codebook_size": 16384, "code_dim": 8},
+                      "attn_resolutions": [16], "quantizer": "vq", "codebook_size": 16384, "code_dim": 8,
+                      "lr": 1e-4},
     },
 }
 

@@ -9,8 +9,11 @@ from flows.common import load, with_task_runner
 from flows.embed import embed
 from flows.ingest import ingest
 from flows.pretrain_clip import pretrain_clip
+from flows.tokenize import tokenize
+from flows.train_vqgan import train_vqgan
 
-STAGE_FLOWS = {"ingest": ingest, "pretrain-clip": pretrain_clip, "embed": embed}
+STAGE_FLOWS = {"ingest": ingest, "pretrain-clip": pretrain_clip, "embed": embed, "train-vqgan": train_vqgan,
+               "tokenize": tokenize}
 
 
 @flow(name="clip-gen")

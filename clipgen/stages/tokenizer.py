@@ -1,0 +1,90 @@
+"""The ``train-vqgan`` and ``tokenize`` stages: fit the VQ tokenizer on the train split, then encode every
+train/heldout shard into the token cache (one mapped task per shard; finished shards are reused)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from clipgen.artifacts import Artifact
+from clipgen.config import PipelineConfig, to_dict
+
+TOKEN_SPLITS = ("train", "heldout")
+
+
+def vqgan_config(cfg: PipelineConfig) -> dict[str, Any]:
+    train = to_dict(cfg.train, output_only=True)
+    return {"vqgan": to_dict(cfg.vqgan), "image_size": cfg.data.image_size, "train": train}
+
+
+def build_vqgan(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.data.images_array import load_split_images, open_images
+    from clipgen.train.vqgan import fit
+
+    shards, size = inputs["shards"].path, cfg.data.image_size
+    held = load_split_images(shards, "heldout", size)
+    result = fit(cfg.vqgan, cfg.train, open_images(shards, "train", size, workers=cfg.data.workers), out,
+                 heldout=held.images)
+    summary = dict(result.summary)
+    judge = Artifact(cfg.run_path, "judge", _judge_id(cfg))
+    if cfg.data.source == "world" and judge.is_complete():  # a reading for the report, not an input
+        summary["judge_agreement"] = reconstruction_agreement(result.model, judge.path, held.images)
+    return summary
+
+
+def _judge_id(cfg: PipelineConfig) -> str:
+    from clipgen.pipeline import plan
+
+    return plan(cfg)["judge"].id
+
+
+def reconstruction_agreement(model, judge_dir: Path, images: np.ndarray) -> dict[str, float]:
+    """How often the judge reads the same shape and colour in the reconstruction as in the original."""
+    import torch
+
+    from clipgen.data.images_array import to_model_input, to_uint8
+    from clipgen.judge import load_judge
+
+    judge = load_judge(judge_dir)
+    agree_shape = agree_colour = agree_both = 0
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            batch = images[start:start + 256]
+            recon = to_uint8(model.decode_indices(model.encode(to_model_input(torch.from_numpy(batch))))).numpy()
+            s0, c0 = judge.predict_ids(batch)
+            s1, c1 = judge.predict_ids(recon)
+            agree_shape += int((s0 == s1).sum())
+            agree_colour += int((c0 == c1).sum())
+            agree_both += int(((s0 == s1) & (c0 == c1)).sum())
+    n = max(1, len(images))
+    return {"shape": agree_shape / n, "colour": agree_colour / n, "both": agree_both / n, "images": len(images)}
+
+
+def tokens_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"splits": list(TOKEN_SPLITS)}  # everything else is in the vqgan and shards ids
+
+
+class TokenJob(NamedTuple):
+    shard: Path
+    out: Path
+
+    @property
+    def label(self) -> str:
+        return f"tokenize {self.out.parent.name}/{self.shard.name}"
+
+
+def build_tokens(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.data.shards import shard_paths
+    from clipgen.models.vqgan import load_vqgan
+    from clipgen.tokenize import tokenize_shard, tokenize_shards
+
+    model = load_vqgan(inputs["vqgan"].path)
+    jobs = [TokenJob(shard, out / split / f"{shard.stem}.parquet")
+            for split in TOKEN_SPLITS for shard in shard_paths(inputs["shards"].path, split)]
+    map_fn(lambda job: tokenize_shard(model, job.shard, job.out).count, [j for j in jobs if not j.out.is_file()])
+    results = tokenize_shards(model, [j.shard for j in jobs], out)  # all done: reads counts back
+    counts = {split: sum(r.count for r in results if Path(r.path).parent.name == split) for split in TOKEN_SPLITS}
+    return {"counts": counts, "skipped": sum(len(r.skipped_keys) for r in results),
+            "grid_size": model.grid_size, "codebook_size": model.codebook_size}

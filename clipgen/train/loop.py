@@ -1,0 +1,249 @@
+"""Pieces every training loop shares: DDP set-up, precision, RNG state, checkpoints, metrics, schedules.
+
+Checkpoints are directories ``<root>/step_NNNNNNN/`` holding one ``<name>.safetensors`` per module, the
+``config.json`` that makes them self-describing, and ``train_state.pt``: optimiser states, the step, the
+RNG states of every rank (python, numpy, torch, cuda) and the data position. ``train_state.pt`` holds only
+tensors and plain containers and is read with ``torch.load(weights_only=True)``: no pickle is ever run.
+Each checkpoint appears under its final name only when complete, and ``<root>/latest`` names the newest.
+
+Distributed training follows ``torchrun``'s environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``):
+gloo on CPU, NCCL on CUDA. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from clipgen.artifacts import atomic_path, write_json_atomic, write_text_atomic
+
+TRAIN_STATE = "train_state.pt"
+LATEST = "latest"
+
+
+# ------------------------------------------------------------------------------------ distributed
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # True if setup_distributed created the process group (and teardown ends it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Join the torchrun process group if ``WORLD_SIZE`` > 1; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size <= 1:
+        return DistInfo(0, 1, device, False)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device, owns)
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def free_cpu_threads() -> int:
+    """CPU threads worth using now: the cores this process may run on, minus those other processes keep busy.
+
+    Small convolutions synchronise their threads many times per step; a thread that shares its core with
+    a busy process makes the others spin, and two threads then ran 10-50x slower than one on a loaded
+    2-core machine. So a CPU run takes only the cores that look free when it starts.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with ``threads`` intra-op CPU threads (None: leave the setting alone), then restore."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for ``auto``/``bf16``; fp32 on CPU unless ``bf16`` is asked for explicitly."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay to ``floor * base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    version, py_state, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": npst["key"].numpy().astype(np.uint32),
+                         "pos": npst["pos"]}, "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states(info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (collective: all ranks must call it)."""
+    mine = rng_state()
+    if info.world_size == 1:
+        return [mine]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint directory under ``root``, or None."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / TRAIN_STATE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which is incomplete; delete {root} to start over")
+    return path
+
+
+def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, torch.Tensor]], config: dict,
+                    train_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``root/step_NNNNNNN`` atomically, point ``root/latest`` at it, prune older ones (rank 0 only)."""
+    root = Path(root)
+    final = root / f"step_{step:07d}"
+    for stale in [final, *root.glob(".step_*.tmp-*")]:  # a re-save of this step, or a killed run's leftovers
+        shutil.rmtree(stale, ignore_errors=True)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        for name, state in weights.items():
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+                      str(tmp / f"{name}.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        torch.save({**train_state, "step": step}, tmp / TRAIN_STATE)
+    write_text_atomic(root / LATEST, final.name)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / f"{name}.safetensors"))
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    return torch.load(Path(path) / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def check_same_config(path: Path, config: dict) -> None:
+    """Refuse to resume a run whose checkpoint was made with a different config."""
+    saved = json.loads((Path(path) / "config.json").read_text())
+    if json.loads(json.dumps(config, sort_keys=True, default=str)) != saved:
+        raise ValueError(f"checkpoint {path} was written with a different config; "
+                         f"delete {Path(path).parent} to start over, or use a fresh output directory")
+
+
+# ----------------------------------------------------------------------------------------- metrics
+class RollingMean:
+    """Means of named scalars over the last ``window`` updates."""
+
+    def __init__(self, window: int):
+        self.values: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+
+    def update(self, **scalars: float) -> None:
+        for name, value in scalars.items():
+            self.values[name].append(float(value))
+
+    def means(self) -> dict[str, float]:
+        return {name: sum(v) / len(v) for name, v in self.values.items() if v}
+
+
+class MetricsLog:
+    """Append-only JSONL of metric records; on resume, records after the resumed step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # keep what the killed run logged up to its checkpoint, nothing after
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
+
+
+def _step_of(line: str) -> float:
+    """The step of a JSONL record; a blank or half-written line (a kill mid-write) counts as never logged."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    write_json_atomic(path, summary)

@@ -1,0 +1,12 @@
+"""The ``tokenize`` stage flow (see clipgen.stages.tokenizer)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import load, run_stage
+
+
+@flow(name="tokenize")
+def tokenize(pipeline: str, overrides: list[str] | None = None) -> dict[str, dict]:
+    return run_stage(load(pipeline, overrides), "tokenize")
