@@ -75,9 +75,9 @@ class DataConfig:
 class ToyClipConfig:
     """Contrastive pretraining of the bundled toy CLIP on the captioned world split."""
 
-    steps: int = 600
+    steps: int = 800
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     seed: int = 0
 
 

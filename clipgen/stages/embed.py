@@ -58,13 +58,15 @@ def toyclip_config(cfg: PipelineConfig) -> dict[str, Any]:
 def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.clip import load_clip
     from clipgen.train.clip import CaptionedImages, pretrain_toy_clip
+    from clipgen.train.loop import free_cpu_threads, torch_threads
 
     shards = inputs["shards"].path
     train = read_labeled_split(shards, "captioned", cfg.data.image_size)
     held = read_labeled_split(shards, "heldout", cfg.data.image_size, limit=PROBE_IMAGES)
-    summary = pretrain_toy_clip(CaptionedImages(train.images, [m["caption"] for m in train.meta]), cfg.clip.toy,
-                                out, CaptionedImages(held.images, [m["caption"] for m in held.meta]),
-                                model=cfg.clip.model)
+    with torch_threads(free_cpu_threads()):  # oversubscribed CPU threads slow small models down many times
+        summary = pretrain_toy_clip(CaptionedImages(train.images, [m["caption"] for m in train.meta]),
+                                    cfg.clip.toy, out, CaptionedImages(held.images, [m["caption"] for m in held.meta]),
+                                    model=cfg.clip.model)
     probe = probe_clip(load_clip(cfg.clip.model, str(out)), held)
     write_json_atomic(out / "probe.json", probe)
     return {**summary, **probe}

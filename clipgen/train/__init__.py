@@ -1,0 +1,1 @@
+"""Training loops, one module per trainable stage (toy CLIP, VQGAN, GPT prior)."""
