@@ -341,6 +341,7 @@ def save_clip(clip: ClipModel, out_dir: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in clip.net.state_dict().items()}
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "model": clip.name})
+        os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; checkpoints are meant to be shared
     preprocess = {k: (list(v) if isinstance(v, tuple) else v) for k, v in clip.preprocess_cfg.items()}
     write_json_atomic(out / OPEN_CLIP_CONFIG_FILE, {"model_cfg": clip.model_cfg, "preprocess_cfg": preprocess})
     write_json_atomic(out / CONFIG_FILE, {
