@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipgen.artifacts import atomic_path
-from clipgen.data.shards import IMAGE_EXTS, iter_shard
+from clipgen.data.shards import image_bytes, iter_shard, read_list_column
 
 
 class ShardImages(IterableDataset):
@@ -41,7 +41,7 @@ class ShardImages(IterableDataset):
             yield key, self._decode(members)
 
     def _decode(self, members: dict[str, bytes]) -> torch.Tensor | None:
-        data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        data = image_bytes(members)
         if data is None:
             return None
         try:
@@ -110,16 +110,7 @@ class Embeddings(NamedTuple):
 
 def read_embeddings(paths: list[Path]) -> Embeddings:
     """Read and concatenate embedding Parquet files (float16 on disk, float32 in memory)."""
-    keys: list[str] = []
-    parts: list[np.ndarray] = []
-    for path in paths:
-        table = pq.read_table(path)
-        dim = table.schema.field("embedding").type.list_size
-        keys.extend(table.column("key").to_pylist())
-        flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        parts.append(flat.astype(np.float32).reshape(-1, dim))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return Embeddings(keys, vectors)
+    return Embeddings(*read_list_column(paths, "embedding", np.float32))
 
 
 def cache_files(cache_dir: Path, split: str) -> list[Path]:

@@ -21,7 +21,7 @@ import torch
 
 from clipgen.artifacts import atomic_path
 from clipgen.data.images_array import decode_image, to_model_input
-from clipgen.data.shards import iter_shard
+from clipgen.data.shards import iter_shard, read_list_column
 from clipgen.models.vqgan import VQGAN
 
 
@@ -123,13 +123,4 @@ def tokenize_shards(model: VQGAN, shards: list[Path], out_dir: Path, batch_size:
 
 def read_tokens(paths: list[Path]) -> Tokens:
     """Read and concatenate token Parquet files into (keys, int64 [N, h*w])."""
-    keys: list[str] = []
-    parts: list[np.ndarray] = []
-    for path in paths:
-        table = pq.read_table(path)
-        length = table.schema.field("tokens").type.list_size
-        keys.extend(table.column("key").to_pylist())
-        flat = table.column("tokens").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        parts.append(flat.astype(np.int64).reshape(-1, length))
-    tokens = np.concatenate(parts) if parts else np.zeros((0, 0), np.int64)
-    return Tokens(keys, tokens)
+    return Tokens(*read_list_column(paths, "tokens", np.int64))

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipgen.data.shards import IMAGE_EXTS, iter_shard, read_manifest, shard_paths
+from clipgen.data.shards import image_bytes, iter_shard, read_manifest, shard_paths
 
 MAX_IN_MEMORY_BYTES = 4 << 30  # splits whose decoded pixels exceed this are streamed from the shards
 SHUFFLE_BUFFER = 1000
@@ -38,7 +38,7 @@ SHUFFLE_BUFFER = 1000
 
 def decode_image(members: dict[str, bytes], image_size: int) -> np.ndarray | None:
     """A sample's image as uint8 [S, S, 3], or None if it has none or cannot be decoded."""
-    data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    data = image_bytes(members)
     if data is None:
         return None
     try:

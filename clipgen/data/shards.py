@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+
 from clipgen.artifacts import atomic_path, file_digest, write_json_atomic
 
 IMAGE_EXTS = ("png", "jpg")
@@ -94,6 +97,24 @@ def iter_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             current[ext] = tar.extractfile(member).read()
     if current_key is not None:
         yield current_key, current
+
+
+def image_bytes(members: dict[str, bytes]) -> bytes | None:
+    """A sample's encoded image (the first of IMAGE_EXTS it has), or None."""
+    return next((members[e] for e in IMAGE_EXTS if e in members), None)
+
+
+def read_list_column(paths: list[Path], column: str, dtype) -> tuple[list[str], np.ndarray]:
+    """Concatenate ``key`` and a fixed-size-list ``column`` from Parquet cache files -> (keys, [N, L])."""
+    keys: list[str] = []
+    parts: list[np.ndarray] = []
+    for path in paths:
+        table = pq.read_table(path)
+        length = table.schema.field(column).type.list_size
+        keys.extend(table.column("key").to_pylist())
+        flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        parts.append(flat.astype(dtype).reshape(-1, length))
+    return keys, (np.concatenate(parts) if parts else np.zeros((0, 0), dtype))
 
 
 def write_manifest(root: Path, source: str, shards: dict[str, list[ShardInfo]], skipped: list[Skipped],
