@@ -20,6 +20,7 @@ from clipgen.artifacts import Artifact, file_digest, write_json_atomic
 from clipgen.config import PipelineConfig, to_dict
 from clipgen.data.images_array import decode_image
 from clipgen.data.shards import iter_shard, shard_paths
+from clipgen.stages import ShardJob, pending_shard_jobs
 
 EMBED_SPLITS = ("train", "heldout")
 # Zero-shot probes: each class embedding is the mean over these templates (CLIP prompt ensembling).
@@ -115,15 +116,6 @@ def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"clip": clip_identity(cfg), "index": cfg.clip.index, "ivfpq_min_size": cfg.clip.ivfpq_min_size}
 
 
-class ShardJob(NamedTuple):
-    shard: Path
-    out: Path
-
-    @property
-    def label(self) -> str:
-        return f"embed {self.out.parent.name}/{self.shard.name}"
-
-
 def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.clip import load_clip
     from clipgen.embed import cache_files, embed_shard, read_embeddings
@@ -131,16 +123,13 @@ def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path
 
     weights = str(inputs["toyclip"].path) if "toyclip" in inputs else cfg.clip.pretrained
     clip = load_clip(cfg.clip.model, weights)
-    jobs = [ShardJob(shard, out / split / f"{shard.stem}.parquet")
-            for split in EMBED_SPLITS for shard in shard_paths(inputs["shards"].path, split)]
-    todo = [job for job in jobs if not job.out.is_file()]  # finished shards survive an interruption
 
     def embed(job: ShardJob) -> dict[str, Any]:
         result = embed_shard(clip, job.shard, job.out, cfg.clip.batch_size, num_workers=cfg.data.workers)
         write_json_atomic(job.out.with_suffix(".skipped.json"), result.skipped_keys)
         return {"count": result.count, "skipped": len(result.skipped_keys)}
 
-    map_fn(embed, todo)
+    map_fn(embed, pending_shard_jobs("embed", inputs["shards"].path, EMBED_SPLITS, out))
     train = read_embeddings(cache_files(out, "train"))
     save_index(build_index(train.vectors, cfg.clip.index, cfg.clip.ivfpq_min_size), train.keys, out)
     skipped = sum(len(json.loads(p.read_text())) for p in out.glob("*/*.skipped.json"))

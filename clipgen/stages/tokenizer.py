@@ -4,12 +4,13 @@ train/heldout shard into the token cache (one mapped task per shard; finished sh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, to_dict
+from clipgen.stages import pending_shard_jobs
 
 TOKEN_SPLITS = ("train", "heldout")
 
@@ -66,25 +67,17 @@ def tokens_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"splits": list(TOKEN_SPLITS)}  # everything else is in the vqgan and shards ids
 
 
-class TokenJob(NamedTuple):
-    shard: Path
-    out: Path
-
-    @property
-    def label(self) -> str:
-        return f"tokenize {self.out.parent.name}/{self.shard.name}"
-
-
 def build_tokens(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.data.shards import shard_paths
     from clipgen.models.vqgan import load_vqgan
     from clipgen.tokenize import tokenize_shard, tokenize_shards
 
     model = load_vqgan(inputs["vqgan"].path)
-    jobs = [TokenJob(shard, out / split / f"{shard.stem}.parquet")
-            for split in TOKEN_SPLITS for shard in shard_paths(inputs["shards"].path, split)]
-    map_fn(lambda job: tokenize_shard(model, job.shard, job.out).count, [j for j in jobs if not j.out.is_file()])
-    results = tokenize_shards(model, [j.shard for j in jobs], out)  # all done: reads counts back
+    shards = inputs["shards"].path
+    map_fn(lambda job: tokenize_shard(model, job.shard, job.out).count,
+           pending_shard_jobs("tokenize", shards, TOKEN_SPLITS, out))
+    all_shards = [p for split in TOKEN_SPLITS for p in shard_paths(shards, split)]
+    results = tokenize_shards(model, all_shards, out)  # all files exist now: this only reads their counts
     counts = {split: sum(r.count for r in results if Path(r.path).parent.name == split) for split in TOKEN_SPLITS}
     return {"counts": counts, "skipped": sum(len(r.skipped_keys) for r in results),
             "grid_size": model.grid_size, "codebook_size": model.codebook_size}
