@@ -28,6 +28,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import ToTensor
 
 from clipgen.artifacts import atomic_path, file_digest, write_json_atomic
 
@@ -103,6 +104,20 @@ class ClipModel:
         std = torch.tensor(cfg["std"], device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
         return (pixels - mean) / std
 
+    def fit_image(self, img: Image.Image) -> np.ndarray:
+        """The PIL half of ``preprocess`` (resize, crop, RGB) -> uint8 ``[S, S, 3]``.
+
+        :meth:`prepare_images` on the result gives exactly ``preprocess(img)``: the rest of the transform
+        is the /255 and mean/std that it applies to whole batches.
+        """
+        steps = self.preprocess.transforms
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
+        if cut is None:
+            raise ValueError(f"{self.name}: preprocess has no ToTensor step to split at: {self.preprocess}")
+        for step in steps[:cut]:
+            img = step(img)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
     def prepare_images(self, images) -> torch.Tensor:
         """PIL list, uint8 array ``[N, H, W, 3]`` or preprocessed tensor -> model input ``[N, 3, S, S]``."""
         if isinstance(images, torch.Tensor):
@@ -112,7 +127,7 @@ class ClipModel:
                 raise ValueError(f"image array must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
             if images.shape[1:3] == (self.image_size, self.image_size):
                 # already at model size: skip PIL (identical to the preprocess transform, much faster)
-                pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+                pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float() / 255.0
                 return self.normalize_pixels(pixels)
             images = [Image.fromarray(a) for a in images]
         return torch.stack([self.preprocess(img.convert("RGB")) for img in images])

@@ -8,7 +8,8 @@ read from the shards: captions and attributes never reach this stage (the langua
 
 from __future__ import annotations
 
-import io
+import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -21,47 +22,55 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipgen.artifacts import atomic_path
-from clipgen.data.shards import image_bytes, iter_shard, read_list_column
+from clipgen.data.images_array import decode_rgb
+from clipgen.data.shards import IMAGE_EXTS, image_bytes, iter_shard, read_list_column
 
 
 class ShardImages(IterableDataset):
-    """Decoded, preprocessed images of one shard; each DataLoader worker takes every n-th sample."""
+    """One shard as batches ``(keys, uint8 [B, S, S, 3], bad keys)`` at the model's input size.
 
-    def __init__(self, shard: Path, preprocess, size: int, mean, std):
-        self.shard, self.preprocess, self.size = Path(shard), preprocess, size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    DataLoader worker ``w`` of ``n`` decodes batches ``w, w + n, ...``; the tar is read image members only.
+    Images already at model size are only decoded; others take the CLIP's own resize and crop
+    (``fit_image``). The float conversion and normalisation happen once per batch in the main process.
+    """
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def __init__(self, shard: Path, fit_image, size: int, batch_size: int):
+        self.shard, self.fit_image, self.size, self.batch_size = Path(shard), fit_image, size, batch_size
+
+    def __iter__(self) -> Iterator[tuple[list[str], torch.Tensor, list[str]]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        for i, (key, members) in enumerate(iter_shard(self.shard)):
-            if i % n_workers != worker:
-                continue
-            yield key, self._decode(members)
+        samples = iter_shard(self.shard, exts=IMAGE_EXTS)
+        for i in itertools.count():
+            chunk = list(itertools.islice(samples, self.batch_size))
+            if not chunk:
+                return
+            if i % n_workers == worker:
+                yield self._decode_batch(chunk)
 
-    def _decode(self, members: dict[str, bytes]) -> torch.Tensor | None:
+    def _decode_batch(self, chunk: list[tuple[str, dict[str, bytes]]]):
+        keys, pixels, bad = [], [], []
+        for key, members in chunk:
+            image = self._decode(members)
+            if image is None:
+                bad.append(key)
+            else:
+                keys.append(key)
+                pixels.append(image)
+        batch = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, self.size, self.size, 3, dtype=torch.uint8)
+        return keys, batch, bad
+
+    def _decode(self, members: dict[str, bytes]) -> np.ndarray | None:
         data = image_bytes(members)
         if data is None:
             return None
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img = img.convert("RGB")
-                if img.size != (self.size, self.size):
-                    return self.preprocess(img)
-                # Already at model size: CLIP's resize and crop are no-ops, so only scale and normalise.
-                # Same numbers as the transform, several times faster for small images.
-                pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-                return (pixels.float() / 255.0 - self.mean) / self.std
+            pixels = decode_rgb(data)
+            if pixels.shape[:2] == (self.size, self.size):
+                return pixels  # CLIP's resize and crop are no-ops at model size
+            return self.fit_image(Image.fromarray(pixels))
         except Exception:  # any undecodable sample is skipped and counted, never fatal
             return None
-
-
-def _collate(batch: list[tuple[str, torch.Tensor | None]]) -> tuple[list[str], torch.Tensor | None, list[str]]:
-    good = [(k, t) for k, t in batch if t is not None]
-    bad = [k for k, t in batch if t is None]
-    images = torch.stack([t for _, t in good]) if good else None
-    return [k for k, _ in good], images, bad
 
 
 class ShardEmbedding(NamedTuple):
@@ -70,20 +79,35 @@ class ShardEmbedding(NamedTuple):
     skipped_keys: list[str]
 
 
+def loader_workers(requested: int, device: torch.device) -> int:
+    """DataLoader worker processes worth starting for a model on ``device``.
+
+    Workers only help on cores the model leaves free. On a CPU box whose cores all run torch's threads
+    they fight the forward pass for them instead (the toy CLIP embedded ~2x slower with 1 or 2 workers
+    than in-process on 2 cores), so decoding stays in the main process there.
+    """
+    if device.type == "cpu" and (os.cpu_count() or 1) <= torch.get_num_threads():
+        return 0
+    return requested
+
+
+def _as_is(batch):
+    return batch
+
+
 def embed_shard(clip, shard: Path, out_path: Path, batch_size: int = 256, num_workers: int = 2) -> ShardEmbedding:
     """Embed one shard into ``out_path`` (written atomically). Corrupt samples are listed, not fatal."""
-    cfg = clip.preprocess_cfg
-    images = ShardImages(shard, clip.preprocess, clip.image_size, cfg["mean"], cfg["std"])
-    loader = DataLoader(images, batch_size=batch_size, collate_fn=_collate,
-                        num_workers=num_workers, persistent_workers=False)
+    images = ShardImages(shard, clip.fit_image, clip.image_size, batch_size)
+    # batch_size=None: the dataset yields whole batches; _as_is keeps them uint8 (no default conversion)
+    loader = DataLoader(images, batch_size=None, collate_fn=_as_is, num_workers=num_workers)
     keys: list[str] = []
     chunks: list[np.ndarray] = []
     skipped: list[str] = []
-    for batch_keys, images, bad in loader:
+    for batch_keys, pixels, bad in loader:
         skipped.extend(bad)
-        if images is not None:
+        if batch_keys:
             keys.extend(batch_keys)
-            chunks.append(clip.encode_images(images).float().cpu().numpy())
+            chunks.append(clip.encode_images(pixels.numpy(), batch_size=len(batch_keys)).float().cpu().numpy())
     dim = clip.embed_dim
     emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, int)

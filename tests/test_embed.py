@@ -24,12 +24,15 @@ class MeanColourEncoder:
         self.proj = torch.randn(3 * 8 * 8, self.embed_dim, generator=torch.Generator().manual_seed(0))
         self.calls = 0
 
-    def preprocess(self, img):
-        return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    device = torch.device("cpu")
 
-    def encode_images(self, images):
+    def fit_image(self, img):
+        return np.asarray(img.resize((8, 8)), dtype=np.uint8)
+
+    def encode_images(self, images, batch_size=256):
+        assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 3)
         self.calls += 1
-        out = images.flatten(1) @ self.proj
+        out = torch.from_numpy(images).float().flatten(1) @ self.proj
         return out / out.norm(dim=1, keepdim=True)
 
 
@@ -87,10 +90,10 @@ def test_a_crash_mid_shard_leaves_no_file(tmp_path):
     _, shard = make_shard(tmp_path)
 
     class Crashing(MeanColourEncoder):
-        def encode_images(self, images):
+        def encode_images(self, images, batch_size=256):
             if self.calls == 1:
                 raise KeyboardInterrupt("killed")
-            return super().encode_images(images)
+            return super().encode_images(images, batch_size)
 
     with pytest.raises(KeyboardInterrupt):
         embed_shard(Crashing(), shard, tmp_path / "out.parquet", batch_size=5, num_workers=0)

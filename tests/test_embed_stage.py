@@ -1,5 +1,6 @@
 """The pretrain-clip and embed steps at a tiny size, run through the library (no Prefect)."""
 
+import io
 import json
 
 import numpy as np
@@ -93,19 +94,19 @@ def test_language_free_embeddings_ignore_captions(run, tmp_path):
         assert ea.keys == eb.keys and np.array_equal(ea.vectors, eb.vectors)
 
 
-def test_fast_path_for_model_sized_images_matches_clip_preprocessing(run):
+def test_shard_decoding_matches_clip_preprocessing_at_and_off_model_size(run):
     from PIL import Image
 
     from clipgen.clip import load_clip
     from clipgen.embed import ShardImages
 
     clip = load_clip("toy-clip", str(plan(run)["toyclip"].path))
-    pixels = np.random.default_rng(0).integers(0, 256, (clip.image_size, clip.image_size, 3), dtype=np.uint8)
-    cfg = clip.preprocess_cfg
-    images = ShardImages(plan(run)["shards"].path, clip.preprocess, clip.image_size, cfg["mean"], cfg["std"])
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    fast = images._decode({"png": buf.getvalue()})
-    slow = clip.preprocess(Image.fromarray(pixels))
-    assert torch.allclose(fast, slow, atol=1e-5)
+    images = ShardImages(plan(run)["shards"].path, clip.fit_image, clip.image_size, batch_size=4)
+    rng = np.random.default_rng(0)
+    for size in (clip.image_size, 45):  # at model size (decode only) and off it (CLIP's resize and crop)
+        pixels = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG")
+        ours = clip.prepare_images(images._decode({"png": buf.getvalue()})[None])[0]
+        reference = clip.preprocess(Image.fromarray(pixels))
+        assert torch.allclose(ours, reference, atol=1e-5), size

@@ -13,7 +13,7 @@ position*), so a resumed run sees exactly the batches the killed run would have 
   and then skips raw samples (no decoding) inside the current epoch.
 
 :func:`open_images` picks one by size. Images are preprocessed the same way everywhere (training and the
-token cache): decoded with PIL, converted to RGB, resized/cropped to ``image_size`` if needed.
+token cache): decoded by :func:`decode_rgb`, converted to RGB, resized/cropped to ``image_size`` if needed.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -36,17 +37,33 @@ MAX_IN_MEMORY_BYTES = 4 << 30  # splits whose decoded pixels exceed this are str
 SHUFFLE_BUFFER = 1000
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 ``[H, W, 3]``; raises on undecodable data.
+
+    OpenCV decodes first: it gives PIL's exact pixels for PNG and JPEG (EXIF orientation ignored, as
+    PIL does) at ~2x less cost on small images, which keeps 32 px data loading cheap next to the model.
+    PIL takes what OpenCV cannot read (GIF, for one) and converts it to RGB.
+    """
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags) if data else None
+    if bgr is not None:
+        return bgr[:, :, ::-1]  # a view; callers stack or copy
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def decode_image(members: dict[str, bytes], image_size: int) -> np.ndarray | None:
     """A sample's image as uint8 [S, S, 3], or None if it has none or cannot be decoded."""
     data = image_bytes(members)
     if data is None:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            if img.size != (image_size, image_size):  # ingest already sizes images; foreign shards may not
-                img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.LANCZOS)
-            return np.asarray(img, dtype=np.uint8)
+        pixels = decode_rgb(data)
+        if pixels.shape[:2] == (image_size, image_size):
+            return pixels
+        # ingest already sizes images; foreign shards may not
+        fitted = ImageOps.fit(Image.fromarray(pixels), (image_size, image_size), Image.Resampling.LANCZOS)
+        return np.asarray(fitted, dtype=np.uint8)
     except Exception:  # a damaged sample is skipped and counted by the caller, never fatal
         return None
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from clipgen.artifacts import Artifact, file_digest, write_json_atomic
 from clipgen.config import PipelineConfig, to_dict
@@ -118,14 +119,15 @@ def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.clip import load_clip
-    from clipgen.embed import cache_files, embed_shard, read_embeddings
+    from clipgen.embed import cache_files, embed_shard, loader_workers, read_embeddings
     from clipgen.index import build_index, save_index
 
     weights = str(inputs["toyclip"].path) if "toyclip" in inputs else cfg.clip.pretrained
-    clip = load_clip(cfg.clip.model, weights)
+    clip = load_clip(cfg.clip.model, weights, device="cuda" if torch.cuda.is_available() else "cpu")
+    workers = loader_workers(cfg.data.workers, clip.device)
 
     def embed(job: ShardJob) -> dict[str, Any]:
-        result = embed_shard(clip, job.shard, job.out, cfg.clip.batch_size, num_workers=cfg.data.workers)
+        result = embed_shard(clip, job.shard, job.out, cfg.clip.batch_size, num_workers=workers)
         write_json_atomic(job.out.with_suffix(".skipped.json"), result.skipped_keys)
         return {"count": result.count, "skipped": len(result.skipped_keys)}
 
