@@ -108,7 +108,7 @@ class VQGANConfig:
     l2_weight: float = 1.0  # reconstruction = L1 + l2_weight * L2
     perceptual: Literal["none", "lpips"] = "none"
     perceptual_weight: float = 1.0
-    lpips_weights: str | None = None  # local path to LPIPS backbone weights (no download here)
+    lpips_weights: str | None = None  # LPIPS-VGG weights: a file or folder (clipgen/models/lpips.py); no download
     disc_start: int = 0  # step at which the discriminator starts training; 0 = no GAN loss
     disc_warmup: int = 500  # discriminator-only steps before its generator term switches on
     disc_weight: float = 0.8

@@ -16,7 +16,6 @@ from PIL import Image
 from clipgen.config import TrainConfig, VQGANConfig
 from clipgen.data.images_array import ArrayImages, ShardStream, load_split_images, open_images
 from clipgen.data.shards import Sample, write_manifest, write_shards
-from clipgen.models.discriminator import build_lpips
 from clipgen.models.vqgan import VQGAN, load_vqgan
 from clipgen.tokenize import read_tokens, tokenize_shard, tokenize_shards
 from clipgen.train.vqgan import fit
@@ -87,11 +86,6 @@ def test_save_and_load_pretrained(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError, match="run the train-vqgan stage"):
         load_vqgan(tmp_path / "missing")
-
-
-def test_lpips_without_weights_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vqgan.lpips_weights"):
-        build_lpips(str(tmp_path / "nope.pth"))
 
 
 # --------------------------------------------------------------------------------------- training

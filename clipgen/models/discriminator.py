@@ -1,16 +1,14 @@
-"""The tokenizer's adversarial and perceptual losses: PatchGAN, hinge loss, adaptive weight, LPIPS.
+"""The tokenizer's adversarial loss: PatchGAN, hinge loss, adaptive weight (LPIPS is in ``lpips.py``).
 
 As in VQGAN (Esser et al. 2021, taming-transformers): a PatchGAN discriminator (Isola et al. 2017) scores
 overlapping patches real/fake with the hinge loss, and the generator's adversarial term is scaled by the
 ratio of gradient norms of the reconstruction and adversarial losses at the decoder's last layer, so
-neither term swamps the other. The perceptual term is LPIPS (Zhang et al. 2018); its backbone weights
-cannot be downloaded here, so they are read from a local file and a missing file is a clear error.
+neither term swamps the other.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -63,30 +61,3 @@ def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: 
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     adv_grad = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
     return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-
-def build_lpips(weights_path: str | None) -> nn.Module:
-    """A frozen LPIPS-VGG network with weights from ``weights_path`` (no download, no pickle).
-
-    The file is the full state dict of ``lpips.LPIPS(net='vgg')`` (backbone and linear heads), saved with
-    ``torch.save(net.state_dict(), path)`` or as ``.safetensors`` on a machine that has the weights.
-    """
-    if not weights_path or not Path(weights_path).is_file():
-        raise FileNotFoundError(
-            f"vqgan.perceptual is 'lpips' but vqgan.lpips_weights={weights_path!r} is not a file; save the "
-            "state dict of lpips.LPIPS(net='vgg') there on a machine with internet, or set vqgan.perceptual: none")
-    try:
-        import lpips
-    except ImportError as exc:
-        raise ImportError("vqgan.perceptual: lpips needs the 'lpips' package (pip install lpips) and the "
-                          "weights file in vqgan.lpips_weights; or set vqgan.perceptual: none") from exc
-    # pretrained=False and pnet_rand=True: build the architecture without downloading anything
-    net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-    if str(weights_path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(weights_path)
-    else:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
-    return net.eval().requires_grad_(False)

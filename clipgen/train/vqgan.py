@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from clipgen.config import TrainConfig, VQGANConfig
 from clipgen.data.images_array import ArrayImages, ShardStream, to_model_input
 from clipgen.models import discriminator as losses
+from clipgen.models.lpips import load_lpips
 from clipgen.models.quantizer import CodebookUsage, codebook_stats
 from clipgen.models.vqgan import VQGAN
 from clipgen.train import loop
@@ -92,7 +93,7 @@ class _Parts(NamedTuple):
 
 
 def _build(cfg: VQGANConfig, image_size: int, device: torch.device) -> _Parts:
-    perceptual = losses.build_lpips(cfg.lpips_weights).to(device) if cfg.perceptual == "lpips" else None
+    perceptual = load_lpips(cfg.lpips_weights).to(device) if cfg.perceptual == "lpips" else None
     model = VQGAN(cfg, image_size).to(device)  # channels-last, see VQGAN
     gan = cfg.disc_start > 0
     # Adam(0.5, 0.9) as in taming when a GAN is in play; plain (0.9, 0.99) for a pure autoencoder.
