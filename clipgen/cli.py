@@ -22,6 +22,7 @@ EPILOG = """examples:
   clipgen run pipelines/shapes.yaml --stages ingest      # one stage (cached stages are skipped)
   clipgen run pipelines/shapes.yaml --set gpt.n_layer=6  # an ablation: only downstream stages rerun
   clipgen status runs/shapes                             # stage ids and what is cached
+  clipgen generate --run runs/shapes "a red circle" "a green triangle" -n 8 --out samples/
 """
 
 
@@ -96,6 +97,34 @@ def cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from clipgen.generate import check_prompts, generate, write_outputs
+    from clipgen.stages.generate import load_generator
+
+    prompts = check_prompts(args.prompts)  # a bad prompt fails before any model loads
+    cfg = _load_from(args.run, args.overrides)
+    knobs = {"n_per_prompt": args.n, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "cfg_scale": args.cfg_scale, "bridge": args.bridge, "rerank_candidates": args.rerank, "seed": args.seed}
+    settings = dataclasses.replace(cfg.sample, **{k: v for k, v in knobs.items() if v is not None})
+    if settings.n_per_prompt < 1 or settings.rerank_candidates < 0:
+        raise ConfigError("-n must be >= 1 and --rerank >= 0")
+    result = generate(load_generator(cfg), prompts, settings)
+    table = write_outputs(result, args.out)
+    print(f"{len(result.images)} images and {table.name} in {args.out}")
+    for prompt in prompts:
+        rows = [i for i, p in enumerate(result.prompts) if p == prompt]
+        line = f"  {prompt!r}: CLIP score {result.clip_scores[rows].mean():.1f}"
+        if result.shapes is not None:
+            from clipgen.generate import prompt_matches
+
+            hits = sum(prompt_matches(prompt, result.shapes[i], result.colours[i]) for i in rows)
+            line += f", judge agrees on {hits}/{len(rows)}"
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipgen", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -129,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="heldout", help="which shard split to score (default: heldout)")
     _add_config_args(p)
     p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("generate", help="draw images for text prompts from a finished run",
+                       description="Generate images from text prompts with a finished run's models. Options "
+                                   "left out take the run's sample.* config.")
+    p.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a red circle"')
+    p.add_argument("--run", required=True, help="a run folder (runs/shapes) or a pipeline YAML")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs and samples.csv")
+    p.add_argument("-n", type=int, help="images per prompt")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int, help="0 = off")
+    p.add_argument("--top-p", type=float, help="1.0 = off")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1.0 = off)")
+    p.add_argument("--bridge", choices=["none", "noise", "knn"], help="text-to-image embedding bridge")
+    p.add_argument("--rerank", type=int, help="candidates drawn per image, the CLIP-best kept (0 = off)")
+    p.add_argument("--seed", type=int)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -138,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("clipgen").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError) as exc:  # PromptError is a ConfigError
         print(f"clipgen: error: {exc}", file=sys.stderr)
         return 2
 

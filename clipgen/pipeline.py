@@ -19,10 +19,10 @@ import yaml
 
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
-from clipgen.stages import embed, ingest, tokenizer
+from clipgen.stages import embed, generate, gpt, ingest, tokenizer
 
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
-STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed", "train-vqgan", "tokenize")
+STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed", "train-vqgan", "tokenize", "train-gpt", "generate")
 
 # How a step fans out over independent parts (shards): the library maps serially; flows pass a
 # function that maps through Prefect's task runner (threads or Dask) instead.
@@ -56,6 +56,12 @@ STEPS: tuple[Step, ...] = (
     Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "1", tokenizer.vqgan_config, tokenizer.build_vqgan),
     Step("tokens", "tokenize", "cache/tokens", ("shards", "vqgan"), "1", tokenizer.tokens_config,
          tokenizer.build_tokens),
+    # the VQGAN and CLIP are inputs for loading only (the consistency loss, the sample check): the caches'
+    # ids already cover them
+    Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "1", gpt.gpt_config,
+         gpt.build_gpt),
+    Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "1",
+         generate.generate_config, generate.build_generate),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}
 

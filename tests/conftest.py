@@ -1,5 +1,8 @@
 """Shared pytest fixtures.
 
+``tiny_run`` builds every step of the shapes pipeline up to the transformer at a toy size (seconds), for
+the tests of the later stages.
+
 ``bad_folder`` builds, at test time and with Pillow only (no binary files in the repository), an image
 folder as messy as real collections are: good images beside broken, odd and hostile files.
 """
@@ -144,3 +147,23 @@ def _write(path: Path, data: bytes) -> None:
 @pytest.fixture
 def bad_folder(tmp_path: Path) -> BadFolder:
     return write_bad_folder(tmp_path / "images")
+
+
+# ------------------------------------------------------------------------------------- tiny run
+TINY_RUN = ["data.world.n_captioned=64", "data.world.n_train=48", "data.world.n_heldout=24", "data.shard_size=16",
+            "data.world.n_judge=64", "data.judge.steps=2", "data.judge.batch_size=16",
+            "clip.toy.steps=3", "clip.toy.batch_size=16", "data.workers=1",
+            "vqgan.steps=3", "vqgan.batch_size=8", "gpt.steps=4", "gpt.batch_size=8", "gpt.n_layer=1",
+            "gpt.n_embd=32", "gpt.n_head=2", "gpt.warmup_steps=1", "train.log_every=2", "sample.n_per_prompt=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A shapes run with shards, judge, toy CLIP, embeddings, VQGAN, tokens and transformer built."""
+    from clipgen.config import load_config
+    from clipgen.pipeline import run_step
+
+    cfg = load_config("pipelines/shapes.yaml", [*TINY_RUN, f"run_dir={tmp_path_factory.mktemp('tiny_run')}"])
+    for step in ("shards", "judge", "toyclip", "embeddings", "vqgan", "tokens", "gpt"):
+        run_step(cfg, step)
+    return cfg

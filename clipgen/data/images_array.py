@@ -118,14 +118,17 @@ class ArrayImages:
 
 
 class ArrayBatches:
-    """Seeded per-epoch permutations; a global batch of ``batch_size * world_size`` is split over ranks."""
+    """Seeded per-epoch permutations; a global batch of ``batch_size * world_size`` is split over ranks.
+
+    Works on any array indexed by its first axis (images here, row indices in the transformer's loop).
+    """
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, rank: int, world_size: int,
                  position: dict | None):
         self.global_batch = batch_size * world_size
         if len(images) < self.global_batch:
-            raise ValueError(f"{len(images)} images cannot fill one global batch of {self.global_batch}; "
-                             "lower vqgan.batch_size or ingest more images")
+            raise ValueError(f"{len(images)} samples cannot fill one global batch of {self.global_batch}; "
+                             "lower the batch size or ingest more images")
         self.images, self.batch_size, self.seed, self.rank = images, batch_size, seed, rank
         self.epoch = int((position or {}).get("epoch", 0))
         self.index = int((position or {}).get("index", 0))

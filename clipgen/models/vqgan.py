@@ -188,6 +188,16 @@ class VQGAN(nn.Module):
         z_q = self.quantizer.indices_to_codes(indices).contiguous(memory_format=torch.channels_last)
         return self.decoder(z_q).clamp(-1, 1)
 
+    def decode_soft(self, weights: torch.Tensor) -> torch.Tensor:
+        """Differentiable decode of per-position code weights ``[B, h*w, V]`` (one-hot rows give
+        :meth:`decode_indices`; straight-through Gumbel-softmax rows pass gradients back to logits)."""
+        vocab = self.codebook_size
+        table = self.quantizer.indices_to_codes(torch.arange(vocab, device=weights.device).view(1, vocab, 1))
+        table = table[0, :, :, 0].t()  # [V, C]
+        side = self.grid_size
+        z_q = (weights.float() @ table).transpose(1, 2).reshape(len(weights), -1, side, side)
+        return self.decoder(z_q.contiguous(memory_format=torch.channels_last)).clamp(-1, 1)
+
     # ------------------------------------------------------------------------------ persistence
     def describe(self) -> dict:
         """What ``config.json`` holds: enough to rebuild the model with no other file."""

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import time
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -71,16 +72,37 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def free_cpu_threads() -> int:
+def free_cpu_threads(sample_seconds: float = 0.3) -> int:
     """CPU threads worth using now: the cores this process may run on, minus those other processes keep busy.
 
     Small convolutions synchronise their threads many times per step; a thread that shares its core with
     a busy process makes the others spin, and two threads then ran 10-50x slower than one on a loaded
-    2-core machine. So a CPU run takes only the cores that look free when it starts.
+    2-core machine. So a CPU run takes only the cores that look free when it starts. "Busy" is measured
+    over ``sample_seconds`` from ``/proc/stat``, minus this process's own use: the load average would
+    still count a stage that ended a minute ago and starve the next one.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, cores - busy)
+    try:
+        busy_others = _other_processes_busy_cores(sample_seconds)
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux): fall back to the load average
+        busy_others = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, cores - round(busy_others))
+
+
+def _other_processes_busy_cores(seconds: float) -> float:
+    def sample() -> tuple[int, int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(fields[:8]) - idle, sum(fields[:8]), int(own[11]) + int(own[12])  # utime + stime
+
+    busy0, total0, own0 = sample()
+    time.sleep(seconds)
+    busy1, total1, own1 = sample()
+    per_core = (total1 - total0) / (os.cpu_count() or 1)  # clock ticks one core had in the interval
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(per_core, 1)
 
 
 @contextlib.contextmanager

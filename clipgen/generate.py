@@ -1,0 +1,172 @@
+"""Text-to-image generation from a finished run: prompts -> CLIP text embeddings -> tokens -> images.
+
+:func:`generate` is a function over loaded models (:class:`Generator`); it never changes them. It
+
+1. encodes the prompts with the CLIP text tower;
+2. bridges each text embedding towards the image embeddings the transformer was trained on:
+   ``none``; ``noise`` (the training-time LAFITE perturbation at the configured level); or ``knn``:
+   ``normalize((1 - w) * text + w * mean(k nearest image embeddings))`` from the faiss index;
+3. samples token grids with the KV cache, temperature, top-k, top-p and classifier-free guidance;
+4. decodes them with the VQGAN;
+5. optionally draws ``rerank_candidates`` per image and keeps the one whose CLIP image embedding is
+   closest to the prompt;
+6. scores every image (CLIP score = 100 * max(cos, 0); the judge's verdict where the shapes world has one).
+
+One generator seeded with ``sample.seed`` draws fixed batches in order, so the same seed and settings
+(batch size included) give the same images. :func:`write_outputs` writes the PNGs and a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipgen.config import ConfigError, SampleConfig
+from clipgen.data.images_array import to_uint8
+from clipgen.models.gpt import bridge as noise_bridge
+from clipgen.sample import Sampling, sample_tokens
+
+MAX_PROMPT_CHARS = 1000
+
+
+class Generator(NamedTuple):
+    """The loaded models of a finished run (see :func:`load_generator`)."""
+
+    clip: Any  # clipgen.clip.ClipModel
+    vqgan: torch.nn.Module
+    gpt: torch.nn.Module
+    noise_level: float  # the transformer's training-time bridge level (for the ``noise`` bridge)
+    index: Any = None  # clipgen.index.NeighbourIndex over the train image embeddings (``knn`` bridge)
+    index_vectors: np.ndarray | None = None  # [N, D] the indexed embeddings, in index order
+    judge: Any = None  # clipgen.judge.Judge on the shapes world
+
+
+class Generated(NamedTuple):
+    images: np.ndarray  # uint8 [P * n, H, W, 3], prompt-major
+    prompts: list[str]  # one per image
+    draws: list[int]  # each image's position in the run's sequence of draws (its file name's number)
+    clip_scores: np.ndarray  # [P * n]
+    shapes: list[str] | None  # the judge's verdicts, where a judge exists
+    colours: list[str] | None
+    settings: dict[str, Any]
+
+
+class PromptError(ConfigError):
+    """A prompt that cannot be used, with what to change."""
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    """Clean prompts (whitespace collapsed), or a PromptError that says which one is wrong and why."""
+    if not prompts:
+        raise PromptError("no prompts given; pass at least one, e.g. \"a red circle\"")
+    cleaned = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError(f"prompt {i + 1} is empty; every prompt needs some text")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptError(f"prompt {i + 1} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        cleaned.append(" ".join(prompt.split()))
+    return cleaned
+
+
+def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Move unit-norm text embeddings ``[P, D]`` towards the image-embedding distribution."""
+    if s.bridge == "none":
+        return text
+    if s.bridge == "noise":
+        return noise_bridge(text, "noise", gen.noise_level, generator)
+    if s.bridge != "knn":
+        raise ValueError(f"unknown sample.bridge {s.bridge!r}; choose none, noise or knn")
+    if gen.index is None or gen.index_vectors is None:
+        raise ValueError("sample.bridge: knn needs the embedding cache's faiss index; none was loaded")
+    from clipgen.index import search
+
+    found = search(gen.index, text.float().cpu().numpy(), s.knn_k)
+    rows = np.where(found.rows >= 0, found.rows, 0)
+    neighbours = torch.from_numpy(gen.index_vectors[rows].mean(axis=1)).to(text)
+    return F.normalize((1 - s.knn_blend) * text + s.knn_blend * F.normalize(neighbours, dim=-1), dim=-1)
+
+
+def sampling_of(s: SampleConfig) -> Sampling:
+    return Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
+
+
+@torch.no_grad()
+def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: int = 256) -> Generated:
+    """``s.n_per_prompt`` images per prompt (see the module doc)."""
+    prompts = check_prompts(prompts)
+    device = next(gen.gpt.parameters()).device
+    text = gen.clip.encode_texts(prompts).to(device)
+    cond = bridge_text(gen, text, s, torch.Generator(device=device).manual_seed(s.seed))
+    n, candidates = s.n_per_prompt, max(1, s.rerank_candidates)
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(n * candidates)
+    side = gen.vqgan.grid_size
+    generator = torch.Generator(device=device).manual_seed(s.seed)
+    images = []
+    for start in range(0, len(rows), batch_size):  # fixed batches, drawn in order from one generator
+        part = rows[start:start + batch_size]
+        tokens = sample_tokens(gen.gpt, cond[part], sampling_of(s), generator)
+        images.append(to_uint8(gen.vqgan.decode_indices(tokens.view(len(part), side, side))))
+    pixels = torch.cat(images)  # uint8 [P * n * c, H, W, 3]
+    scores = clip_scores(gen.clip, pixels.numpy(), text.cpu()[rows.cpu()])
+    index = torch.arange(len(rows))
+    if candidates > 1:  # keep the best of each prompt's consecutive groups of candidates
+        index = scores.view(-1, candidates).argmax(1) + torch.arange(0, len(scores), candidates)
+        pixels, scores = pixels[index], scores[index]
+    images_np = pixels.numpy()
+    shapes = colours = None
+    if gen.judge is not None:
+        verdict = gen.judge.predict(images_np)
+        shapes, colours = verdict.shapes, verdict.colours
+    settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "prompts"} | {"batch_size": batch_size}
+    return Generated(images_np, [p for p in prompts for _ in range(n)], index.tolist(), scores.numpy(),
+                     shapes, colours, settings)
+
+
+def clip_scores(clip, images: np.ndarray, text: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' CLIP score per image: ``100 * max(cos(image, text), 0)``."""
+    emb = clip.encode_images(images).cpu()
+    return 100 * (emb * F.normalize(text.float(), dim=-1)).sum(-1).clamp(min=0)
+
+
+def write_outputs(result: Generated, out_dir: Path) -> Path:
+    """``out_dir/<prompt-slug>_<seed>.png`` for each image and ``out_dir/samples.csv`` (also ``.json``)."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    seed = result.settings["seed"]
+    for i, (prompt, draw) in enumerate(zip(result.prompts, result.draws, strict=True)):
+        name = f"{_slug(prompt)}_s{seed}_{draw:05d}.png"
+        Image.fromarray(result.images[i]).save(out_dir / name)
+        row = {"file": name, "prompt": prompt, "seed": seed, "draw": draw,
+               "clip_score": round(float(result.clip_scores[i]), 3)}
+        if result.shapes is not None:
+            row.update(judge_shape=result.shapes[i], judge_colour=result.colours[i],
+                       judge_match=prompt_matches(prompt, result.shapes[i], result.colours[i]))
+        rows.append(row)
+    with open(out_dir / "samples.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "samples.json").write_text(json.dumps({"settings": result.settings, "samples": rows}, indent=1))
+    return out_dir / "samples.csv"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60] or "prompt"
+
+
+def prompt_matches(prompt: str, shape: str, colour: str) -> bool:
+    """Whether the judge's verdict is the shape and colour the prompt names."""
+    words = set(prompt.lower().replace(",", " ").split())
+    return shape in words and colour in words

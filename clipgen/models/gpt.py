@@ -1,0 +1,231 @@
+"""The conditional transformer: a GPT over image tokens, conditioned on a CLIP embedding by prefix tokens.
+
+Sequence layout: ``[c_0 .. c_{k-1}, t_0 .. t_{N-2}]`` where the ``k`` prefix tokens are a learned projection
+of the (unit-norm) CLIP embedding and ``t`` are the VQGAN codes in raster order. The output at position
+``k - 1 + i`` predicts ``t_i``, so one forward pass scores all ``N`` tokens (teacher forcing).
+
+* Pre-norm blocks, ``F.scaled_dot_product_attention`` (flash/efficient kernels on CUDA), GELU MLP.
+* :class:`KVCache` holds each layer's keys and values, preallocated for the whole sequence, so sampling
+  is one prefill over the prefix plus one single-token step per image token.
+* Condition dropout: during training a fraction of conditions is replaced by a learned null embedding;
+  at sampling the null condition gives the unconditional logits for classifier-free guidance.
+* :func:`bridge` closes part of the CLIP modality gap at training time (LAFITE-style noise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """What the model is built for: its width and depth plus the data's vocabulary, grid and condition."""
+
+    vocab_size: int
+    n_tokens: int  # image tokens per sample (grid H * W)
+    cond_dim: int  # CLIP embedding size
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_prefix: int
+    dropout: float = 0.0
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_prefix + self.n_tokens - 1  # the last token is predicted, never fed
+
+
+class KVCache:
+    """Per-layer keys and values ``[B, H, T_max, D]``, filled from position 0 up to ``length``."""
+
+    def __init__(self, shape: GPTShape, batch: int, device, dtype):
+        head_dim = shape.n_embd // shape.n_head
+        size = (shape.n_layer, batch, shape.n_head, shape.seq_len, head_dim)
+        self.k = torch.zeros(size, device=device, dtype=dtype)
+        self.v = torch.zeros(size, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` for the positions after ``length``; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        if shape.n_embd % shape.n_head:
+            raise ValueError(f"gpt.n_embd={shape.n_embd} must be divisible by gpt.n_head={shape.n_head}")
+        self.n_head, self.dropout = shape.n_head, shape.dropout
+        self.qkv = nn.Linear(shape.n_embd, 3 * shape.n_embd)
+        self.proj = nn.Linear(shape.n_embd, shape.n_embd)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if start == 0:  # the whole sequence so far: plain causal attention
+            mask, causal = None, True
+        elif t == 1:  # one new token attends to everything before it
+            mask, causal = None, False
+        else:  # several new tokens after a cached prefix
+            rows = torch.arange(start, start + t, device=x.device)[:, None]
+            mask, causal = rows >= torch.arange(start + t, device=x.device)[None, :], False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(shape.n_embd), nn.LayerNorm(shape.n_embd)
+        self.attn = Attention(shape)
+        self.mlp = nn.Sequential(nn.Linear(shape.n_embd, 4 * shape.n_embd), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * shape.n_embd, shape.n_embd), nn.Dropout(shape.dropout))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """``forward(cond, tokens) -> logits [B, N, V]``; ``cond`` is ``[B, cond_dim]``, unit norm."""
+
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.shape = shape
+        e = shape.n_embd
+        self.cond_proj = nn.Sequential(nn.Linear(shape.cond_dim, e), nn.GELU(approximate="tanh"),
+                                       nn.Linear(e, shape.n_prefix * e))
+        self.null_cond = nn.Parameter(torch.randn(shape.cond_dim) / math.sqrt(shape.cond_dim))
+        self.tok_emb = nn.Embedding(shape.vocab_size, e)
+        self.pos_emb = nn.Parameter(torch.zeros(1, shape.seq_len, e))
+        self.drop = nn.Dropout(shape.dropout)
+        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
+        self.ln_f = nn.LayerNorm(e)
+        self.head = nn.Linear(e, shape.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight") and "cond_proj" not in name or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * shape.n_layer))
+        nn.init.normal_(self.pos_emb, std=0.02)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def condition(self, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """``cond`` with the rows where ``drop`` is True replaced by the learned null embedding."""
+        if drop is not None:
+            cond = torch.where(drop[:, None], self.null_cond.to(cond.dtype).expand_as(cond), cond)
+        return cond
+
+    def null(self, batch: int) -> torch.Tensor:
+        return self.null_cond[None].expand(batch, -1)
+
+    def _prefix(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.cond_proj(cond).view(len(cond), self.shape.n_prefix, self.shape.n_embd)
+
+    def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        x = self.drop(x + self.pos_emb[:, start:start + x.shape[1]])
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.head(self.ln_f(x))
+
+    def forward(self, cond: torch.Tensor, tokens: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits ``[B, N, V]`` for all ``N`` tokens (``tokens`` is ``[B, N]``).
+
+        ``drop`` (bool ``[B]``) swaps those rows' conditions for the null embedding inside the forward,
+        so DDP sees the null embedding used (with a zero gradient) even in a step that drops nothing.
+        """
+        if drop is not None:
+            cond = self.condition(cond, drop)
+        x = torch.cat([self._prefix(cond), self.tok_emb(tokens[:, :-1])], dim=1)
+        return self._run(x, 0, None)[:, self.shape.n_prefix - 1:]
+
+    def prefill(self, cond: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run the prefix into an empty ``cache``; returns the logits of the first token ``[B, V]``."""
+        if cache.length:
+            raise ValueError("prefill needs an empty KVCache")
+        return self._run(self._prefix(cond), 0, cache)[:, -1]
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed the newest token(s) ``[B, t]``; returns the logits of the token after them ``[B, V]``."""
+        return self._run(self.tok_emb(tokens), cache.length, cache)[:, -1]
+
+    def next_logits_uncached(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of the token after ``tokens [B, t]`` recomputed from scratch: the reference loop's step."""
+        x = torch.cat([self._prefix(cond), self.tok_emb(tokens)], dim=1)
+        return self._run(x, 0, None)[:, -1]
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        param = next(self.parameters())
+        return KVCache(self.shape, batch, param.device, dtype or param.dtype)
+
+
+# ------------------------------------------------------------------------------- modality bridge
+def bridge(cond: torch.Tensor, mode: str, noise_level: float, generator: torch.Generator | None = None
+           ) -> torch.Tensor:
+    """Train-time bridging of the image-text gap, applied to unit-norm CLIP embeddings ``[B, D]``.
+
+    ``none``: unchanged. ``noise`` (LAFITE, Zhou et al. 2022): ``normalize(e + alpha * u)`` with ``u`` a
+    random unit vector, so the model learns a neighbourhood of each image embedding, where the paired
+    text embedding lies, instead of the point itself.
+    """
+    if mode == "none" or noise_level <= 0:
+        return cond
+    if mode != "noise":
+        raise ValueError(f"unknown gpt.bridge {mode!r}; choose none or noise")
+    noise = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
+    return F.normalize(cond + noise_level * F.normalize(noise, dim=-1), dim=-1)
+
+
+# ----------------------------------------------------------------------------------- persistence
+FORMAT = "clipgen-gpt-1"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_gpt(model: GPT, directory: Path, extra: dict | None = None) -> None:
+    """``model.safetensors`` + ``config.json`` (the shape, so the folder rebuilds with no other file)."""
+    from clipgen.artifacts import atomic_path, write_json_atomic
+    from clipgen.models.vqgan import state_dict_for_save
+
+    directory = Path(directory)
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(state_dict_for_save(model), str(tmp))
+    write_json_atomic(directory / CONFIG, {"format": FORMAT, "shape": asdict(model.shape), **(extra or {})})
+
+
+def load_gpt(directory: Path, device: str | torch.device = "cpu") -> GPT:
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"no transformer checkpoint in {directory} (need {CONFIG} and {WEIGHTS}); "
+                                "run the train-gpt stage first, or point at its ckpt/gpt/<id> folder")
+    meta = json.loads((directory / CONFIG).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory / CONFIG}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    model = GPT(GPTShape(**meta["shape"]))
+    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    return model.to(device).eval()

@@ -1,0 +1,83 @@
+"""The ``generate`` stage and the models behind ``clipgen generate``: load a finished run, sample prompts.
+
+On the shapes world every image gets the judge's verdict, and the stage reports *prompt accuracy*: the
+fraction of images whose judged shape and colour are the ones the prompt names, separately for
+combinations seen as training images and for those held out of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipgen.artifacts import Artifact
+from clipgen.config import PipelineConfig, SampleConfig, to_dict
+
+
+def generate_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"sample": to_dict(cfg.sample)}
+
+
+def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = None, device: str | None = None):
+    """The run's CLIP, VQGAN, transformer, faiss index and (shapes world) judge; each must be built."""
+    from clipgen.clip import load_clip
+    from clipgen.embed import cache_files, read_embeddings
+    from clipgen.generate import Generator
+    from clipgen.index import load_index
+    from clipgen.models.gpt import load_gpt
+    from clipgen.models.vqgan import load_vqgan
+    from clipgen.pipeline import plan
+    from clipgen.stages.gpt import load_judge_if_any
+
+    artifacts = artifacts or plan(cfg)
+    for name in ("embeddings", "vqgan", "gpt"):
+        if not artifacts[name].is_complete():
+            raise FileNotFoundError(f"the run in {cfg.run_path} has no finished {name!r} step "
+                                    f"({artifacts[name].path}); run `clipgen run` with the same config first")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weights = str(artifacts["toyclip"].path) if "toyclip" in artifacts else cfg.clip.pretrained
+    clip = load_clip(cfg.clip.model, weights, device=device)
+    embeddings = artifacts["embeddings"].path
+    index = load_index(embeddings)
+    vectors = read_embeddings(cache_files(embeddings, "train")).vectors
+    if len(vectors) != index.index.ntotal:
+        raise ValueError(f"{embeddings}: the index holds {index.index.ntotal} vectors, the cache {len(vectors)}")
+    return Generator(clip=clip, vqgan=load_vqgan(artifacts["vqgan"].path, device), gpt=load_gpt(artifacts["gpt"].path, device),
+                     noise_level=cfg.gpt.noise_level if cfg.gpt.bridge == "noise" else 0.0, index=index,
+                     index_vectors=vectors, judge=load_judge_if_any(cfg))
+
+
+def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: list[str]) -> dict[str, Any]:
+    """Generate ``s.n_per_prompt`` images per prompt; judged accuracy per prompt, for seen and held-out."""
+    from clipgen.generate import generate, prompt_matches
+
+    result = generate(gen, prompts, s)
+    if result.shapes is None:
+        raise ValueError("prompt accuracy needs the shapes world's judge")
+    matches = np.array([bool(prompt_matches(p, sh, co))
+                        for p, sh, co in zip(result.prompts, result.shapes, result.colours, strict=True)])
+    held = {c.lower() for c in held_out_combos}
+    per_prompt = {p: float(matches[[q == p for q in result.prompts]].mean()) for p in dict.fromkeys(result.prompts)}
+    is_held = np.array([any(c in p.lower() for c in held) for p in result.prompts])
+    return {"accuracy": float(matches.mean()),
+            "seen": float(matches[~is_held].mean()) if (~is_held).any() else None,
+            "held_out": float(matches[is_held].mean()) if is_held.any() else None,
+            "clip_score": float(result.clip_scores.mean()), "per_prompt": per_prompt,
+            "images": len(matches), "result": result}
+
+
+def build_generate(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.generate import generate, write_outputs
+
+    if not cfg.sample.prompts:
+        raise ValueError("sample.prompts is empty: the generate stage needs the prompt set to draw")
+    gen = load_generator(cfg, inputs)
+    if gen.judge is None:
+        write_outputs(generate(gen, cfg.sample.prompts, cfg.sample), out)
+        return {"images": len(cfg.sample.prompts) * cfg.sample.n_per_prompt}
+    scores = prompt_accuracy(gen, cfg.sample.prompts, cfg.sample, cfg.data.world.held_out_combos)
+    write_outputs(scores.pop("result"), out)
+    return scores

@@ -1,0 +1,12 @@
+"""The ``generate`` stage flow (see clipgen.stages.generate)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import load, run_stage
+
+
+@flow(name="generate")
+def generate(pipeline: str, overrides: list[str] | None = None) -> dict[str, dict]:
+    return run_stage(load(pipeline, overrides), "generate")

@@ -1,0 +1,12 @@
+"""The ``train-gpt`` stage flow (see clipgen.stages.gpt)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import load, run_stage
+
+
+@flow(name="train-gpt")
+def train_gpt(pipeline: str, overrides: list[str] | None = None) -> dict[str, dict]:
+    return run_stage(load(pipeline, overrides), "train-gpt")

@@ -1,0 +1,85 @@
+"""Generation from a finished (tiny) run: the library call, the CLI, bridges, re-ranking, bad prompts."""
+
+import csv
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from clipgen.cli import main
+from clipgen.config import load_config
+from clipgen.generate import PromptError, bridge_text, check_prompts, generate
+from clipgen.pipeline import plan, run_step, save_run_config
+from clipgen.stages.generate import load_generator
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_run):
+    return load_generator(tiny_run)
+
+
+def test_same_seed_same_images_other_seed_other_images(gen, tiny_run):
+    s = dataclasses.replace(tiny_run.sample, n_per_prompt=3, cfg_scale=2.0, bridge="knn", seed=5)
+    a, b = generate(gen, ["a red circle", "a blue star"], s), generate(gen, ["a red circle", "a blue star"], s)
+    c = generate(gen, ["a red circle", "a blue star"], dataclasses.replace(s, seed=6))
+    assert a.images.shape == (6, 32, 32, 3) and a.images.dtype == np.uint8
+    assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
+    assert a.prompts == ["a red circle"] * 3 + ["a blue star"] * 3
+    assert a.shapes is not None and len(a.shapes) == 6 and (a.clip_scores >= 0).all()
+
+
+def test_rerank_keeps_the_clip_best_of_each_group(gen, tiny_run):
+    s = dataclasses.replace(tiny_run.sample, n_per_prompt=2, rerank_candidates=3, seed=1)
+    reranked = generate(gen, ["a green square"], s)
+    pool = generate(gen, ["a green square"], dataclasses.replace(s, n_per_prompt=6, rerank_candidates=0))
+    assert len(reranked.images) == 2
+    best = [pool.clip_scores[i:i + 3].max() for i in (0, 3)]
+    assert np.allclose(reranked.clip_scores, best, atol=1e-4)
+
+
+def test_bridges_move_the_text_embedding_towards_the_images(gen, tiny_run):
+    text = gen.clip.encode_texts(["a red circle"])
+    s = tiny_run.sample
+    assert torch.equal(bridge_text(gen, text, dataclasses.replace(s, bridge="none")), text)
+    knn = bridge_text(gen, text, dataclasses.replace(s, bridge="knn", knn_blend=1.0, knn_k=4))
+    images = torch.from_numpy(gen.index_vectors)
+    assert (images @ knn[0]).max() > (images @ text[0]).max()  # now closer to some training image
+    assert torch.allclose(knn.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_bad_prompts_are_refused_with_a_reason():
+    with pytest.raises(PromptError, match="no prompts"):
+        check_prompts([])
+    with pytest.raises(PromptError, match="prompt 2 is empty"):
+        check_prompts(["a red circle", "   "])
+    with pytest.raises(PromptError, match="limit"):
+        check_prompts(["x" * 5000])
+    assert check_prompts(["  a   red\tcircle "]) == ["a red circle"]
+
+
+def test_cli_writes_pngs_and_a_table(tiny_run, tmp_path, capsys):
+    save_run_config(tiny_run)
+    out = tmp_path / "samples"
+    code = main(["generate", "--run", str(tiny_run.run_path), "a red circle", "a green triangle", "-n", "2",
+                 "--out", str(out), "--cfg-scale", "1.5", "--seed", "3"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "samples.csv")))
+    assert len(rows) == 4 and {r["prompt"] for r in rows} == {"a red circle", "a green triangle"}
+    assert all((out / r["file"]).is_file() for r in rows) and "judge_match" in rows[0]
+    assert main(["generate", "--run", str(tiny_run.run_path), " ", "--out", str(out)]) == 2
+    assert "prompt 1 is empty" in capsys.readouterr().err
+
+
+def test_generate_step_reports_prompt_accuracy_seen_and_held_out(tiny_run):
+    cfg = dataclasses.replace(tiny_run, sample=dataclasses.replace(tiny_run.sample, prompts=["a red circle", "a red triangle"]))
+    summary = run_step(cfg, "samples")
+    assert summary["images"] == 4 and 0 <= summary["seen"] <= 1 and 0 <= summary["held_out"] <= 1
+    assert set(summary["per_prompt"]) == {"a red circle", "a red triangle"}
+    assert len(list(plan(cfg)["samples"].path.glob("*.png"))) == 4
+
+
+def test_a_missing_stage_is_a_clear_error(tmp_path):
+    cfg = load_config("pipelines/shapes.yaml", [f"run_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="no finished 'embeddings' step"):
+        load_generator(cfg)

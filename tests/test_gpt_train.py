@@ -1,0 +1,103 @@
+"""Training the transformer from caches: joins, overfitting, resume, DDP, the consistency loss."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipgen.config import GPTConfig, TrainConfig, VQGANConfig
+from clipgen.models.gpt import load_gpt
+from clipgen.train.gpt import Consistency, Pairs, consistency_loss, fit, join_by_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pairs(n=32, dim=8, n_tokens=6, vocab=20, seed=0) -> Pairs:
+    g = torch.Generator().manual_seed(seed)
+    cond = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    tokens = torch.randint(0, vocab, (n, n_tokens), generator=g)
+    return Pairs([f"k{i:04d}" for i in range(n)], cond, tokens)
+
+
+def small(**overrides) -> GPTConfig:
+    base = dict(n_layer=2, n_head=2, n_embd=32, n_prefix=2, steps=6, batch_size=8, lr=3e-3, warmup_steps=1,
+                cond_dropout=0.1, bridge="noise", noise_level=0.1)
+    return GPTConfig(**{**base, **overrides})
+
+
+def test_join_by_key_ignores_order_and_counts_the_unmatched():
+    emb = np.arange(12, dtype=np.float32).reshape(4, 3)
+    tokens = np.array([[7], [5], [6]])
+    joined, counts = join_by_key(["d", "a", "b", "c"], emb, ["c", "a", "x"], tokens)
+    assert joined.keys == ["a", "c"]
+    assert joined.cond.tolist() == [emb[1].tolist(), emb[3].tolist()]
+    assert joined.tokens.tolist() == [[5], [7]]
+    assert counts == {"pairs": 2, "only_embedding": 2, "only_tokens": 1}
+
+
+def test_loss_falls_when_overfitting_one_batch(tmp_path):
+    data = pairs(8)
+    cfg = small(steps=60, batch_size=8, cond_dropout=0.0, bridge="none", lr=3e-3)
+    fit(cfg, TrainConfig(log_every=10), data, tmp_path, vocab_size=20, progress=False, cpu_threads=1)
+    ce = [json.loads(line)["ce"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ce[0] > 2.0 and ce[-1] < 0.3 * ce[0], ce  # ln(20) = 3.0 at the start
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    cfg, train, data = small(), TrainConfig(log_every=2, ckpt_every=2), pairs()
+    full = fit(cfg, train, data, tmp_path / "full", vocab_size=20, heldout=pairs(8, seed=1), progress=False,
+               cpu_threads=1)
+
+    def crash(step, logs):
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, train, data, tmp_path / "resumed", vocab_size=20, heldout=pairs(8, seed=1), on_step=crash,
+            progress=False, cpu_threads=1)
+    resumed = fit(cfg, train, data, tmp_path / "resumed", vocab_size=20, heldout=pairs(8, seed=1),
+                  progress=False, cpu_threads=1)
+    assert resumed.step == full.step == cfg.steps
+    a, b = load_gpt(tmp_path / "full").state_dict(), load_gpt(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6] and all("val_loss" in r for r in records)
+    assert full.summary["val_loss"] > 0
+
+
+def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_gpt_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = [(tmp_path / f"digest_rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1] and digests[0].startswith("3 ")
+
+
+def test_consistency_loss_sends_gradients_to_the_logits():
+    from clipgen.clip import load_clip
+    from clipgen.models.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGANConfig(base_channels=8, channel_mult=[1, 2, 4, 8], n_res_blocks=1, quantizer="fsq",
+                              fsq_levels=[5, 4, 2], codebook_size=40, code_dim=3), image_size=32).eval()
+    vqgan.requires_grad_(False)
+    clip = load_clip("toy-clip", None)
+    grid = vqgan.grid_size ** 2
+    logits = torch.randn(2, grid, 40, requires_grad=True)
+    target = F.normalize(torch.randn(2, clip.embed_dim), dim=-1)
+    loss = consistency_loss(logits, target, Consistency(vqgan, clip))
+    loss.backward()
+    assert 0 < loss.item() < 2 and logits.grad.abs().sum() > 0
+    # one-hot weights decode to exactly what decode_indices gives
+    idx = torch.randint(0, 40, (2, grid))
+    soft = vqgan.decode_soft(F.one_hot(idx, 40).float())
+    side = vqgan.grid_size
+    assert torch.allclose(soft, vqgan.decode_indices(idx.view(2, side, side)), atol=1e-5)
