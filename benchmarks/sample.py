@@ -4,6 +4,7 @@ For each preset, in one run with the same weights (random init: speed does not d
 conditions, sampling settings and batch size: (a) :func:`clipgen.sample.sample_tokens`, one prefill and
 one cached single-token step per image token; (b) :func:`clipgen.sample.sample_tokens_uncached`, what
 the public CLIP-GEN code does. Both must give identical tokens under greedy decoding (checked here).
+On CUDA, (a) also runs with its single-token step captured once and replayed as a CUDA graph.
 Token sampling only: the VQGAN decode is the same for both and is left out. Prints one JSON line.
 
     python benchmarks/sample.py [--presets tiny,mid] [--batch-size 0 (= per-device default)] [--cfg-scale 2]
@@ -49,9 +50,11 @@ def bench(preset: str, batch_size: int, cfg_scale: float, repeats: int, device: 
     settings = Sampling(temperature=1.0, top_k=100, cfg_scale=cfg_scale)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def ours():
+    cache_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def ours(cuda_graph: bool = False):
         with autocast:
-            sample_tokens(model, cond, settings, cache_dtype=torch.bfloat16 if device.type == "cuda" else None)
+            sample_tokens(model, cond, settings, cache_dtype=cache_dtype, cuda_graph=cuda_graph)
 
     def reference():
         with autocast:
@@ -60,9 +63,26 @@ def bench(preset: str, batch_size: int, cfg_scale: float, repeats: int, device: 
     ours()  # warm-up
     cached = min(timed(ours, device) for _ in range(repeats))
     uncached = timed(reference, device)  # one run: it is the slow side
-    return {"preset": preset, "tokens": side * side, "batch_size": batch, "cfg_scale": cfg_scale,
-            "greedy_tokens_identical": identical, "ours_images_per_s": round(batch / cached, 2),
-            "reference_images_per_s": round(batch / uncached, 3), "speedup": round(uncached / cached, 1)}
+    row = {"preset": preset, "tokens": side * side, "batch_size": batch, "cfg_scale": cfg_scale,
+           "greedy_tokens_identical": identical, "ours_images_per_s": round(batch / cached, 2),
+           "reference_images_per_s": round(batch / uncached, 3), "speedup": round(uncached / cached, 1)}
+    if device.type == "cuda":  # the same loop with the single-token step replayed as a CUDA graph
+        try:
+            row.update(graph_row(model, cond, greedy, cache_dtype, autocast, ours, uncached, batch, repeats, device))
+        except RuntimeError as exc:  # report, don't lose the other numbers
+            row["graph_error"] = str(exc)[:300]
+    return row
+
+
+def graph_row(model, cond, greedy, cache_dtype, autocast, ours, uncached, batch, repeats, device) -> dict:
+    """The CUDA-graph variant's throughput, and whether its greedy tokens equal the plain loop's."""
+    with autocast:
+        graphed_greedy = sample_tokens(model, cond[:2], greedy, cache_dtype=cache_dtype, cuda_graph=True)
+        plain_greedy = sample_tokens(model, cond[:2], greedy, cache_dtype=cache_dtype)
+    ours(cuda_graph=True)
+    graphed = min(timed(lambda: ours(cuda_graph=True), device) for _ in range(repeats))
+    return {"graph_images_per_s": round(batch / graphed, 2), "graph_speedup": round(uncached / graphed, 1),
+            "graph_greedy_tokens_identical": torch.equal(graphed_greedy, plain_greedy)}
 
 
 def main() -> None:

@@ -119,17 +119,22 @@ class ClipModel:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
     def prepare_images(self, images) -> torch.Tensor:
-        """PIL list, uint8 array ``[N, H, W, 3]`` or preprocessed tensor -> model input ``[N, 3, S, S]``."""
-        if isinstance(images, torch.Tensor):
-            return images
+        """PIL list, uint8 ``[N, H, W, 3]`` (array or tensor) or preprocessed float tensor -> model input.
+
+        uint8 pixels at model size skip PIL (identical numbers to the preprocess transform): they move to
+        the model's device as uint8, a quarter of the bytes, and are scaled and normalised there.
+        """
         if isinstance(images, np.ndarray):
-            if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-                raise ValueError(f"image array must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+            images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+        if isinstance(images, torch.Tensor):
+            if images.dtype != torch.uint8:
+                return images  # already preprocessed
+            if images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"uint8 images must be [N, H, W, 3], got {tuple(images.shape)}")
             if images.shape[1:3] == (self.image_size, self.image_size):
-                # already at model size: skip PIL (identical to the preprocess transform, much faster)
-                pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float() / 255.0
+                pixels = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
                 return self.normalize_pixels(pixels)
-            images = [Image.fromarray(a) for a in images]
+            images = [Image.fromarray(a) for a in images.numpy()]
         return torch.stack([self.preprocess(img.convert("RGB")) for img in images])
 
     def encode_images(self, images, batch_size: int = 256, grad: bool = False) -> torch.Tensor:

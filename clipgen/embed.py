@@ -91,15 +91,12 @@ def loader_workers(requested: int, device: torch.device) -> int:
     return requested
 
 
-def _as_is(batch):
-    return batch
-
-
 def embed_shard(clip, shard: Path, out_path: Path, batch_size: int = 256, num_workers: int = 2) -> ShardEmbedding:
     """Embed one shard into ``out_path`` (written atomically). Corrupt samples are listed, not fatal."""
     images = ShardImages(shard, clip.fit_image, clip.image_size, batch_size)
-    # batch_size=None: the dataset yields whole batches; _as_is keeps them uint8 (no default conversion)
-    loader = DataLoader(images, batch_size=None, collate_fn=_as_is, num_workers=num_workers)
+    # batch_size=None: the dataset yields whole uint8 batches; pinned memory speeds the copy to a GPU
+    pin = num_workers > 0 and clip.device.type == "cuda"
+    loader = DataLoader(images, batch_size=None, num_workers=num_workers, pin_memory=pin)
     keys: list[str] = []
     chunks: list[np.ndarray] = []
     skipped: list[str] = []
@@ -107,7 +104,7 @@ def embed_shard(clip, shard: Path, out_path: Path, batch_size: int = 256, num_wo
         skipped.extend(bad)
         if batch_keys:
             keys.extend(batch_keys)
-            chunks.append(clip.encode_images(pixels.numpy(), batch_size=len(batch_keys)).float().cpu().numpy())
+            chunks.append(clip.encode_images(pixels, batch_size=len(batch_keys)).float().cpu().numpy())
     dim = clip.embed_dim
     emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, int)

@@ -66,20 +66,52 @@ def _with_null(model: GPT, cond: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_tokens(model: GPT, cond: torch.Tensor, s: Sampling = Sampling(),
-                  generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Token grids ``[B, N]`` for conditions ``[B, D]`` with the KV cache (see the module doc)."""
+                  generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None,
+                  cuda_graph: bool = False) -> torch.Tensor:
+    """Token grids ``[B, N]`` for conditions ``[B, D]`` with the KV cache (see the module doc).
+
+    ``cuda_graph``: capture the single-token step once and replay it for every token (CUDA only),
+    which removes the per-kernel launch cost that dominates small-batch decoding on a GPU.
+    """
     batch, n = len(cond), model.shape.n_tokens
     rows = _with_null(model, cond, s)
     cache = model.new_cache(len(rows), cache_dtype)
     logits = model.prefill(rows, cache)
+    step = _graphed_step(model, cache, len(rows)) if cuda_graph else (lambda feed: model.decode(feed, cache))
     out = torch.empty(batch, n, dtype=torch.long, device=cond.device)
     for i in range(n):
         token = pick(_guide(logits, batch, s.cfg_scale), s, generator)
         out[:, i] = token
         if i + 1 < n:
-            feed = token.repeat(len(rows) // batch)[:, None]
-            logits = model.decode(feed, cache)
+            logits = step(token.repeat(len(rows) // batch)[:, None])
     return out
+
+
+def _graphed_step(model: GPT, cache, rows: int):
+    """A replayable CUDA graph of :meth:`GPT.decode_static`; returns ``step(tokens [R, 1]) -> logits``."""
+    if cache.k.device.type != "cuda":
+        raise ValueError("cuda_graph sampling needs the model on a CUDA device")
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=cache.k.device)
+    cache.position.fill_(cache.length)
+    # the weight casts of an outer bf16 autocast must not be cached across the capture
+    autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
+                              enabled=torch.is_autocast_enabled("cuda"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), autocast:  # warm-up: writes at the current position, overwritten below
+        model.decode_static(tokens, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), autocast:
+        logits = model.decode_static(tokens, cache)
+
+    def step(feed: torch.Tensor) -> torch.Tensor:
+        tokens.copy_(feed)
+        graph.replay()
+        cache.position.add_(1)
+        return logits
+
+    return step
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ class MeanColourEncoder:
         return np.asarray(img.resize((8, 8)), dtype=np.uint8)
 
     def encode_images(self, images, batch_size=256):
-        assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 3)
+        assert images.dtype == torch.uint8 and images.shape[1:] == (8, 8, 3)
         self.calls += 1
-        out = torch.from_numpy(images).float().flatten(1) @ self.proj
+        out = images.float().flatten(1) @ self.proj
         return out / out.norm(dim=1, keepdim=True)
 
 

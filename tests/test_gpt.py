@@ -1,5 +1,7 @@
 """The conditional transformer: causality, KV-cache parity, guidance plumbing, sampling filters."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +12,10 @@ from clipgen.sample import Sampling, filter_logits, sample_tokens, sample_tokens
 SHAPE = GPTShape(vocab_size=50, n_tokens=12, cond_dim=16, n_layer=2, n_head=4, n_embd=32, n_prefix=3)
 
 
-@pytest.fixture
-def model():
+@pytest.fixture(params=[True, False], ids=["cond-on-tokens", "prefix-only"])
+def model(request):
     torch.manual_seed(0)
-    return GPT(SHAPE).eval()
+    return GPT(dataclasses.replace(SHAPE, add_cond_to_tokens=request.param)).eval()
 
 
 def batch(b=3, seed=1):
@@ -87,3 +89,17 @@ def test_noise_bridge_stays_on_the_sphere_near_the_input():
     assert torch.allclose(noisy.norm(dim=-1), torch.ones(64), atol=1e-5)
     cos = (noisy * cond).sum(-1)
     assert 0.9 < cos.mean() < 0.99  # 1 / sqrt(1 + 0.3^2) = 0.958 for a near-orthogonal noise direction
+
+
+def test_static_single_token_step_matches_decode(model):
+    """The CUDA-graph-ready step (fixed shapes, position on the device) gives decode's logits."""
+    cond, tokens = batch()
+    cache, static = model.new_cache(len(cond)), model.new_cache(len(cond))
+    model.prefill(cond, cache)
+    model.prefill(cond, static)
+    static.position.fill_(static.length)
+    for i in range(SHAPE.n_tokens - 1):
+        expected = model.decode(tokens[:, i:i + 1], cache)
+        got = model.decode_static(tokens[:, i:i + 1], static)
+        static.position.add_(1)
+        assert torch.allclose(got, expected, atol=1e-5), i

@@ -2,7 +2,9 @@
 
 Sequence layout: ``[c_0 .. c_{k-1}, t_0 .. t_{N-2}]`` where the ``k`` prefix tokens are a learned projection
 of the (unit-norm) CLIP embedding and ``t`` are the VQGAN codes in raster order. The output at position
-``k - 1 + i`` predicts ``t_i``, so one forward pass scores all ``N`` tokens (teacher forcing).
+``k - 1 + i`` predicts ``t_i``, so one forward pass scores all ``N`` tokens (teacher forcing). With
+``add_cond_to_tokens`` another projection of the embedding is added to every token embedding too, a
+direct path for the condition at every position besides attention to the prefix.
 
 * Pre-norm blocks, ``F.scaled_dot_product_attention`` (flash/efficient kernels on CUDA), GELU MLP.
 * :class:`KVCache` holds each layer's keys and values, preallocated for the whole sequence, so sampling
@@ -37,6 +39,7 @@ class GPTShape:
     n_embd: int
     n_prefix: int
     dropout: float = 0.0
+    add_cond_to_tokens: bool = True  # also add a projection of the condition to every token embedding
 
     @property
     def seq_len(self) -> int:
@@ -52,6 +55,10 @@ class KVCache:
         self.k = torch.zeros(size, device=device, dtype=dtype)
         self.v = torch.zeros(size, device=device, dtype=dtype)
         self.length = 0
+        self.token_bias: torch.Tensor | float = 0.0  # the condition's per-token term, set at prefill
+        # static-shape decoding (CUDA graphs): the next position lives on the device, not in Python
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.valid: torch.Tensor | None = None  # [1, T_max] bool, the positions written so far
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v`` for the positions after ``length``; return all keys and values so far."""
@@ -59,6 +66,13 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+    def write_at_position(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token's ``k, v`` at ``position``; return the whole (fixed-size) buffers."""
+        self.k[layer].index_copy_(2, self.position, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.position, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -70,9 +84,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(shape.n_embd, 3 * shape.n_embd)
         self.proj = nn.Linear(shape.n_embd, shape.n_embd)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                static: bool = False) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        if static:  # one token; every shape fixed, the position read on the device
+            k, v = cache.write_at_position(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache.valid)
+            return self.proj(y.transpose(1, 2).reshape(b, t, c))
         start = 0
         if cache is not None:
             start = cache.length
@@ -98,8 +117,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(shape.n_embd, 4 * shape.n_embd), nn.GELU(approximate="tanh"),
                                  nn.Linear(4 * shape.n_embd, shape.n_embd), nn.Dropout(shape.dropout))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                static: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer, static)
         return x + self.mlp(self.ln2(x))
 
 
@@ -114,6 +134,7 @@ class GPT(nn.Module):
                                        nn.Linear(e, shape.n_prefix * e))
         self.null_cond = nn.Parameter(torch.randn(shape.cond_dim) / math.sqrt(shape.cond_dim))
         self.tok_emb = nn.Embedding(shape.vocab_size, e)
+        self.cond_add = nn.Linear(shape.cond_dim, e) if shape.add_cond_to_tokens else None
         self.pos_emb = nn.Parameter(torch.zeros(1, shape.seq_len, e))
         self.drop = nn.Dropout(shape.dropout)
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
@@ -146,6 +167,10 @@ class GPT(nn.Module):
     def _prefix(self, cond: torch.Tensor) -> torch.Tensor:
         return self.cond_proj(cond).view(len(cond), self.shape.n_prefix, self.shape.n_embd)
 
+    def _token_bias(self, cond: torch.Tensor) -> torch.Tensor | float:
+        """The condition's term added to every token embedding (a direct path besides the prefix)."""
+        return self.cond_add(cond)[:, None] if self.cond_add is not None else 0.0
+
     def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         x = self.drop(x + self.pos_emb[:, start:start + x.shape[1]])
         for i, block in enumerate(self.blocks):
@@ -162,22 +187,32 @@ class GPT(nn.Module):
         """
         if drop is not None:
             cond = self.condition(cond, drop)
-        x = torch.cat([self._prefix(cond), self.tok_emb(tokens[:, :-1])], dim=1)
+        x = torch.cat([self._prefix(cond), self.tok_emb(tokens[:, :-1]) + self._token_bias(cond)], dim=1)
         return self._run(x, 0, None)[:, self.shape.n_prefix - 1:]
 
     def prefill(self, cond: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the prefix into an empty ``cache``; returns the logits of the first token ``[B, V]``."""
         if cache.length:
             raise ValueError("prefill needs an empty KVCache")
+        cache.token_bias = self._token_bias(cond)
         return self._run(self._prefix(cond), 0, cache)[:, -1]
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed the newest token(s) ``[B, t]``; returns the logits of the token after them ``[B, V]``."""
-        return self._run(self.tok_emb(tokens), cache.length, cache)[:, -1]
+        return self._run(self.tok_emb(tokens) + cache.token_bias, cache.length, cache)[:, -1]
+
+    def decode_static(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """:meth:`decode` of one token ``[B, 1]`` at ``cache.position`` with fixed shapes and no host-side
+        state, so a CUDA graph can capture it. The caller advances ``cache.position`` after each call."""
+        x = self.tok_emb(tokens) + cache.token_bias + self.pos_emb[0].index_select(0, cache.position)[None]
+        cache.valid = (torch.arange(cache.k.shape[3], device=tokens.device) <= cache.position)[None]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, static=True)
+        return self.head(self.ln_f(x))[:, -1]
 
     def next_logits_uncached(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of the token after ``tokens [B, t]`` recomputed from scratch: the reference loop's step."""
-        x = torch.cat([self._prefix(cond), self.tok_emb(tokens)], dim=1)
+        x = torch.cat([self._prefix(cond), self.tok_emb(tokens) + self._token_bias(cond)], dim=1)
         return self._run(x, 0, None)[:, -1]
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:

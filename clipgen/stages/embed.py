@@ -113,17 +113,27 @@ def clip_identity(cfg: PipelineConfig) -> dict[str, Any]:
     return identity
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_clip(cfg: PipelineConfig, artifacts: dict[str, Artifact], device: str | None = None):
+    """The run's CLIP: the pretrain-clip artifact for the toy CLIP, else ``clip.pretrained``."""
+    from clipgen.clip import load_clip
+
+    weights = str(artifacts["toyclip"].path) if "toyclip" in artifacts else cfg.clip.pretrained
+    return load_clip(cfg.clip.model, weights, device=device or default_device())
+
+
 def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"clip": clip_identity(cfg), "index": cfg.clip.index, "ivfpq_min_size": cfg.clip.ivfpq_min_size}
 
 
 def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.clip import load_clip
     from clipgen.embed import cache_files, embed_shard, loader_workers, read_embeddings
     from clipgen.index import build_index, save_index
 
-    weights = str(inputs["toyclip"].path) if "toyclip" in inputs else cfg.clip.pretrained
-    clip = load_clip(cfg.clip.model, weights, device="cuda" if torch.cuda.is_available() else "cpu")
+    clip = run_clip(cfg, inputs)
     workers = loader_workers(cfg.data.workers, clip.device)
 
     def embed(job: ShardJob) -> dict[str, Any]:

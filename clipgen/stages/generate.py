@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, SampleConfig, to_dict
+from clipgen.stages.embed import default_device, run_clip
 
 
 def generate_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -23,7 +23,6 @@ def generate_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = None, device: str | None = None):
     """The run's CLIP, VQGAN, transformer, faiss index and (shapes world) judge; each must be built."""
-    from clipgen.clip import load_clip
     from clipgen.embed import cache_files, read_embeddings
     from clipgen.generate import Generator
     from clipgen.index import load_index
@@ -37,9 +36,8 @@ def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = 
         if not artifacts[name].is_complete():
             raise FileNotFoundError(f"the run in {cfg.run_path} has no finished {name!r} step "
                                     f"({artifacts[name].path}); run `clipgen run` with the same config first")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    weights = str(artifacts["toyclip"].path) if "toyclip" in artifacts else cfg.clip.pretrained
-    clip = load_clip(cfg.clip.model, weights, device=device)
+    device = device or default_device()
+    clip = run_clip(cfg, artifacts, device)
     embeddings = artifacts["embeddings"].path
     index = load_index(embeddings)
     vectors = read_embeddings(cache_files(embeddings, "train")).vectors

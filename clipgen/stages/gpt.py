@@ -17,6 +17,7 @@ import torch
 
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, to_dict
+from clipgen.stages.embed import default_device, run_clip
 
 CONDITIONED_SAMPLES = 500  # held-out images the image-conditioned accuracy is measured on
 
@@ -42,11 +43,11 @@ def build_gpt(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_f
 
     train, counts = load_split_pairs(inputs["embeddings"].path, inputs["tokens"].path, "train")
     heldout, _ = load_split_pairs(inputs["embeddings"].path, inputs["tokens"].path, "heldout")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     vqgan = load_vqgan(inputs["vqgan"].path, device=device).requires_grad_(False)
     consistency = None
     if cfg.gpt.consistency_weight > 0:
-        consistency = Consistency(vqgan, _load_clip(cfg, inputs, device))
+        consistency = Consistency(vqgan, run_clip(cfg, inputs, device))
     result = fit(cfg.gpt, cfg.train, train, out, vocab_size=vqgan.codebook_size, heldout=heldout,
                  consistency=consistency)
     summary = {**result.summary, "data": counts}
@@ -55,13 +56,6 @@ def build_gpt(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_f
         summary["image_conditioned"] = image_conditioned_accuracy(
             result.model, vqgan, judge, heldout, heldout_labels(inputs, cfg), cfg)
     return summary
-
-
-def _load_clip(cfg: PipelineConfig, inputs: dict[str, Artifact], device: str):
-    from clipgen.clip import load_clip
-
-    weights = str(inputs["toyclip"].path) if "toyclip" in inputs else cfg.clip.pretrained
-    return load_clip(cfg.clip.model, weights, device=device)
 
 
 def load_judge_if_any(cfg: PipelineConfig):
