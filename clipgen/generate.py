@@ -106,8 +106,27 @@ def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: in
     device = next(gen.gpt.parameters()).device
     text = gen.clip.encode_texts(prompts).to(device)
     cond = bridge_text(gen, text, s, torch.Generator(device=device).manual_seed(s.seed))
+    images, scores, draws = draw(gen, cond, text, s, batch_size)
+    shapes = colours = None
+    if gen.judge is not None:
+        verdict = gen.judge.predict(images)
+        shapes, colours = verdict.shapes, verdict.colours
+    settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "prompts"} | {"batch_size": batch_size}
+    return Generated(images, [p for p in prompts for _ in range(s.n_per_prompt)], draws, scores.numpy(),
+                     shapes, colours, settings)
+
+
+@torch.no_grad()
+def draw(gen: Generator, cond: torch.Tensor, target: torch.Tensor, s: SampleConfig, batch_size: int = 256
+         ) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+    """``s.n_per_prompt`` images for each condition ``[P, D]``: uint8 images (condition-major), their CLIP
+    scores against ``target`` ``[P, D]`` (the prompt's text embedding, or the conditioning image's), and
+    each kept image's position in the sequence of draws. With ``s.rerank_candidates`` > 1, that many are
+    drawn per image and the one with the best score is kept.
+    """
+    device = cond.device
     n, candidates = s.n_per_prompt, max(1, s.rerank_candidates)
-    rows = torch.arange(len(prompts), device=device).repeat_interleave(n * candidates)
+    rows = torch.arange(len(cond), device=device).repeat_interleave(n * candidates)
     side = gen.vqgan.grid_size
     generator = torch.Generator(device=device).manual_seed(s.seed)
     images = []
@@ -116,19 +135,12 @@ def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: in
         tokens = sample_tokens(gen.gpt, cond[part], sampling_of(s), generator)
         images.append(to_uint8(gen.vqgan.decode_indices(tokens.view(len(part), side, side))))
     pixels = torch.cat(images)  # uint8 [P * n * c, H, W, 3]
-    scores = clip_scores(gen.clip, pixels.numpy(), text.cpu()[rows.cpu()])
+    scores = clip_scores(gen.clip, pixels.numpy(), target.cpu()[rows.cpu()])
     index = torch.arange(len(rows))
-    if candidates > 1:  # keep the best of each prompt's consecutive groups of candidates
+    if candidates > 1:  # keep the best of each consecutive group of candidates
         index = scores.view(-1, candidates).argmax(1) + torch.arange(0, len(scores), candidates)
         pixels, scores = pixels[index], scores[index]
-    images_np = pixels.numpy()
-    shapes = colours = None
-    if gen.judge is not None:
-        verdict = gen.judge.predict(images_np)
-        shapes, colours = verdict.shapes, verdict.colours
-    settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "prompts"} | {"batch_size": batch_size}
-    return Generated(images_np, [p for p in prompts for _ in range(n)], index.tolist(), scores.numpy(),
-                     shapes, colours, settings)
+    return pixels.numpy(), scores, index.tolist()
 
 
 def clip_scores(clip, images: np.ndarray, text: torch.Tensor) -> torch.Tensor:

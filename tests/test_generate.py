@@ -76,6 +76,8 @@ def test_generate_step_reports_prompt_accuracy_seen_and_held_out(tiny_run):
     summary = run_step(cfg, "samples")
     assert summary["images"] == 4 and 0 <= summary["seen"] <= 1 and 0 <= summary["held_out"] <= 1
     assert set(summary["per_prompt"]) == {"a red circle", "a red triangle"}
+    conditioned = summary["image_conditioned"]  # one sample per held-out image embedding
+    assert conditioned["images"] == 24 and 0 <= conditioned["both"] <= 1
     assert len(list(plan(cfg)["samples"].path.glob("*.png"))) == 4
 
 

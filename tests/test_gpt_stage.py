@@ -21,12 +21,10 @@ def run(tiny_run):
     return tiny_run
 
 
-def test_trains_from_the_caches_and_measures_conditioned_samples(run):
+def test_trains_from_the_caches(run):
     art = plan(run)["gpt"]
     summary = art.summary()
     assert summary["step"] == 4 and summary["data"] == {"pairs": 48, "only_embedding": 0, "only_tokens": 0}
-    conditioned = summary["image_conditioned"]
-    assert conditioned["images"] == 24 and 0 <= conditioned["both"] <= 1
     model = load_gpt(art.path)
     assert model.shape.n_tokens == 64 and model.shape.cond_dim == plan(run)["embeddings"].summary()["embed_dim"]
     assert len((art.path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -1,20 +1,30 @@
 """The ``generate`` stage and the models behind ``clipgen generate``: load a finished run, sample prompts.
 
-On the shapes world every image gets the judge's verdict, and the stage reports *prompt accuracy*: the
-fraction of images whose judged shape and colour are the ones the prompt names, separately for
-combinations seen as training images and for those held out of them.
+On the shapes world every image gets the judge's verdict, and the stage reports
+
+* *prompt accuracy*: the fraction of images whose judged shape and colour are the ones the prompt
+  names, separately for combinations seen as training images and for those held out of them;
+* *image-conditioned accuracy*: conditioned on held-out images' CLIP image embeddings instead of text,
+  how often a sample keeps its conditioning image's shape and colour.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, SampleConfig, to_dict
 from clipgen.stages.embed import default_device, run_clip
+
+if TYPE_CHECKING:
+    from clipgen.embed import Embeddings
+
+CONDITIONED_SAMPLES = 500  # held-out images the image-conditioned accuracy is measured on
 
 
 def generate_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -29,7 +39,6 @@ def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = 
     from clipgen.models.gpt import load_gpt
     from clipgen.models.vqgan import load_vqgan
     from clipgen.pipeline import plan
-    from clipgen.stages.gpt import load_judge_if_any
 
     artifacts = artifacts or plan(cfg)
     for name in ("embeddings", "vqgan", "gpt"):
@@ -67,7 +76,60 @@ def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: l
             "images": len(matches), "result": result}
 
 
+def load_judge_if_any(cfg: PipelineConfig):
+    """The shapes world's judge, when this run has one built; else None."""
+    from clipgen.judge import load_judge
+    from clipgen.pipeline import plan
+
+    if cfg.data.source != "world":
+        return None
+    judge = plan(cfg)["judge"]  # a reading for the report, not an input: its id stays out of ours
+    return load_judge(judge.path) if judge.is_complete() else None
+
+
+def heldout_labels(cfg: PipelineConfig) -> dict[str, tuple[str, str]]:
+    """key -> (shape, colour) of the held-out world images, from the shards' attribute metadata.
+
+    Only this measurement reads them (never captions); training saw the caches alone.
+    """
+    import json
+
+    from clipgen.data.shards import iter_shard, shard_paths
+    from clipgen.pipeline import plan
+
+    labels = {}
+    for shard in shard_paths(plan(cfg)["shards"].path, "heldout"):
+        for key, parts in iter_shard(shard, exts=("json",)):
+            meta = json.loads(parts["json"]) if "json" in parts else {}
+            if "shape" in meta and "colour" in meta:
+                labels[key] = (meta["shape"], meta["colour"])
+    return labels
+
+
+def image_conditioned_accuracy(gen, heldout: Embeddings, labels: dict[str, tuple[str, str]], cfg: PipelineConfig,
+                               n: int = CONDITIONED_SAMPLES) -> dict[str, Any]:
+    """One image per held-out image embedding (the run's sample.* settings, its re-ranking against the
+    conditioning embedding included); how often the judge sees that image's shape and colour."""
+    from clipgen.generate import draw
+
+    rows = [i for i, k in enumerate(heldout.keys) if k in labels][:n]
+    if not rows:
+        return {"images": 0}
+    device = next(gen.gpt.parameters()).device
+    cond = torch.from_numpy(heldout.vectors[rows]).to(device)
+    settings = dataclasses.replace(cfg.sample, n_per_prompt=1)
+    images, _, _ = draw(gen, cond, cond, settings)
+    verdict = gen.judge.predict(images)
+    truth = [labels[heldout.keys[i]] for i in rows]
+    shape_ok = np.array([s == t[0] for s, t in zip(verdict.shapes, truth, strict=True)])
+    colour_ok = np.array([c == t[1] for c, t in zip(verdict.colours, truth, strict=True)])
+    sampling = {k: getattr(settings, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "rerank_candidates")}
+    return {"images": len(rows), "shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()),
+            "both": float((shape_ok & colour_ok).mean()), "sampling": sampling}
+
+
 def build_generate(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.embed import cache_files, read_embeddings
     from clipgen.generate import generate, write_outputs
 
     if not cfg.sample.prompts:
@@ -78,4 +140,6 @@ def build_generate(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, 
         return {"images": len(cfg.sample.prompts) * cfg.sample.n_per_prompt}
     scores = prompt_accuracy(gen, cfg.sample.prompts, cfg.sample, cfg.data.world.held_out_combos)
     write_outputs(scores.pop("result"), out)
+    heldout = read_embeddings(cache_files(inputs["embeddings"].path, "heldout"))
+    scores["image_conditioned"] = image_conditioned_accuracy(gen, heldout, heldout_labels(cfg), cfg)
     return scores
