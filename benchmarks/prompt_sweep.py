@@ -16,7 +16,7 @@ import dataclasses
 import json
 import time
 
-from clipgen.cli import _load_from
+from clipgen.cli import load_run_config
 from clipgen.data.world import COLOUR_NAMES, SHAPES
 from clipgen.stages.generate import load_generator, prompt_accuracy
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--scales", default="1,2,3")
     parser.add_argument("--rerank", default="0,4")
     args = parser.parse_args()
-    cfg = _load_from(args.run, [])
+    cfg = load_run_config(args.run, [])
     gen = load_generator(cfg)
     prompts = [f"a {colour} {shape}" for colour in COLOUR_NAMES for shape in SHAPES]
     rows = []

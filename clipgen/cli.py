@@ -31,7 +31,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key with a dotted path, e.g. --set gpt.n_layer=4 (repeatable)")
 
 
-def _load_from(target: str, overrides: list[str]) -> PipelineConfig:
+def load_run_config(target: str, overrides: list[str]) -> PipelineConfig:
     """A pipeline YAML, or a run folder holding the pipeline.yaml that ``clipgen run`` saved there."""
     path = Path(target)
     if path.is_dir():
@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from clipgen.pipeline import STEPS_BY_NAME, plan
 
-    cfg = _load_from(args.target, args.overrides)
+    cfg = load_run_config(args.target, args.overrides)
     print(f"run folder: {cfg.run_path}")
     for name, art in plan(cfg).items():
         state = "cached" if art.is_complete() else "missing"
@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import dataclasses
 
-    cfg = _load_from(args.target, args.overrides)
+    cfg = load_run_config(args.target, args.overrides)
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     return 0
 
@@ -85,7 +85,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from clipgen.judge import judge_accuracy, load_judge
     from clipgen.pipeline import plan
 
-    cfg = _load_from(args.run, args.overrides)
+    cfg = load_run_config(args.run, args.overrides)
     artifacts = plan(cfg)
     if "judge" not in artifacts:
         raise ConfigError("this pipeline has no judge: it exists only for data.source: world")
@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from clipgen.stages.generate import load_generator
 
     prompts = check_prompts(args.prompts)  # a bad prompt fails before any model loads
-    cfg = _load_from(args.run, args.overrides)
+    cfg = load_run_config(args.run, args.overrides)
     knobs = {"n_per_prompt": args.n, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "cfg_scale": args.cfg_scale, "bridge": args.bridge, "rerank_candidates": args.rerank, "seed": args.seed}
     settings = dataclasses.replace(cfg.sample, **{k: v for k, v in knobs.items() if v is not None})
