@@ -84,6 +84,11 @@ class ClipModel:
     def context_length(self) -> int:
         return int(self.tokenizer.context_length)
 
+    def token_count(self, text: str) -> int | None:
+        """Tokens ``text`` takes with its start and end markers (None if the tokenizer cannot say)."""
+        encode = getattr(self.tokenizer, "encode", None)
+        return len(encode(text)) + 2 if callable(encode) else None
+
     @property
     def preprocess_cfg(self) -> dict:
         return dict(self.net.visual.preprocess_cfg)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,6 +77,18 @@ def check_prompts(prompts: list[str]) -> list[str]:
     return cleaned
 
 
+def warn_truncated(clip, prompts: list[str]) -> list[int]:
+    """Warn about each prompt longer than the CLIP's context (it reads only the start); their indices."""
+    long = []
+    for i, prompt in enumerate(prompts):
+        count = clip.token_count(prompt)
+        if count is not None and count > clip.context_length:
+            long.append(i)
+            warnings.warn(f"prompt {i + 1} has {count} tokens; the CLIP reads only the first {clip.context_length} "
+                          f"and ignores the rest: {prompt[:60]!r}...", stacklevel=3)
+    return long
+
+
 def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
     """Move unit-norm text embeddings ``[P, D]`` towards the image-embedding distribution."""
@@ -103,6 +116,7 @@ def sampling_of(s: SampleConfig) -> Sampling:
 def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: int = 256) -> Generated:
     """``s.n_per_prompt`` images per prompt (see the module doc)."""
     prompts = check_prompts(prompts)
+    warn_truncated(gen.clip, prompts)
     device = next(gen.gpt.parameters()).device
     text = gen.clip.encode_texts(prompts).to(device)
     cond = bridge_text(gen, text, s, torch.Generator(device=device).manual_seed(s.seed))

@@ -58,6 +58,14 @@ def test_bad_prompts_are_refused_with_a_reason():
     assert check_prompts(["  a   red\tcircle "]) == ["a red circle"]
 
 
+def test_prompts_over_the_clip_context_warn_that_they_are_truncated(gen):
+    from clipgen.generate import warn_truncated
+
+    long = "a red circle on a dark background " * 20
+    with pytest.warns(UserWarning, match=r"prompt 2 has \d+ tokens; the CLIP reads only the first"):
+        assert warn_truncated(gen.clip, ["a red circle", long]) == [1]
+
+
 def test_cli_writes_pngs_and_a_table(tiny_run, tmp_path, capsys):
     save_run_config(tiny_run)
     out = tmp_path / "samples"
@@ -69,6 +77,8 @@ def test_cli_writes_pngs_and_a_table(tiny_run, tmp_path, capsys):
     assert all((out / r["file"]).is_file() for r in rows) and "judge_match" in rows[0]
     assert main(["generate", "--run", str(tiny_run.run_path), " ", "--out", str(out)]) == 2
     assert "prompt 1 is empty" in capsys.readouterr().err
+    assert main(["generate", "--run", str(tmp_path / "no-such-run"), "a red circle", "--out", str(out)]) == 2
+    assert "no-such-run" in capsys.readouterr().err
 
 
 def test_generate_step_reports_prompt_accuracy_seen_and_held_out(tiny_run):
