@@ -34,6 +34,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def load_run_config(target: str, overrides: list[str]) -> PipelineConfig:
     """A pipeline YAML, or a run folder holding the pipeline.yaml that ``clipgen run`` saved there."""
     path = Path(target)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: pass a run folder such as runs/shapes (made by clipgen run) "
+                          "or a pipeline file such as pipelines/shapes.yaml")
     if path.is_dir():
         saved = path / "pipeline.yaml"
         if not saved.is_file():
