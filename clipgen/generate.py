@@ -164,7 +164,7 @@ def clip_scores(clip, images: np.ndarray, text: torch.Tensor) -> torch.Tensor:
 
 
 def write_outputs(result: Generated, out_dir: Path) -> Path:
-    """``out_dir/<prompt-slug>_<seed>.png`` for each image and ``out_dir/samples.csv`` (also ``.json``)."""
+    """``out_dir/<prompt>_s<seed>_<draw>.png`` per image, ``samples.csv`` and ``samples.json`` (with settings)."""
     from PIL import Image
 
     out_dir = Path(out_dir)
