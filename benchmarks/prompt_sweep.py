@@ -6,7 +6,11 @@ judged shape and colour are the prompt's, over the combinations seen as training
 held-out ones. The defaults in ``pipelines/shapes.yaml`` are the best row. Prints one JSON line per
 setting and a final summary line.
 
-    python benchmarks/prompt_sweep.py --run runs/shapes [--n 16] [--scales 1,2,3] [--rerank 0,4]
+    python benchmarks/prompt_sweep.py --run runs/shapes [--n 16] [--scales 1,2,3] [--rerank 0,4] [--set k=v]
+
+An ablation's transformer is named by the same overrides it was trained with, e.g. after
+``clipgen run pipelines/shapes.yaml --stages train-gpt --set gpt.steps=1000 --set gpt.bridge=none``:
+``python benchmarks/prompt_sweep.py --run pipelines/shapes.yaml --set gpt.steps=1000 --set gpt.bridge=none``.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ def main() -> None:
     parser.add_argument("--bridges", default="none,noise,knn")
     parser.add_argument("--scales", default="1,2,3")
     parser.add_argument("--rerank", default="0,4")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides naming which transformer to sweep, e.g. --set gpt.steps=1000")
     args = parser.parse_args()
-    cfg = load_run_config(args.run, [])
+    cfg = load_run_config(args.run, args.overrides)
     gen = load_generator(cfg)
     prompts = [f"a {colour} {shape}" for colour in COLOUR_NAMES for shape in SHAPES]
     rows = []
