@@ -10,7 +10,6 @@ corrupt sample is simply absent here and counted. Images are preprocessed exactl
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,8 +19,8 @@ import pyarrow.parquet as pq
 import torch
 
 from clipgen.artifacts import atomic_path
-from clipgen.data.images_array import decode_image, to_model_input
-from clipgen.data.shards import iter_shard, read_list_column
+from clipgen.data.images_array import decoded_batches, to_model_input
+from clipgen.data.shards import read_list_column
 from clipgen.models.vqgan import VQGAN
 
 
@@ -44,23 +43,6 @@ def token_dtype(codebook_size: int) -> pa.DataType:
     raise ValueError(f"codebook_size {codebook_size} does not fit in 32 bits")
 
 
-def _batches(shard: Path, image_size: int, batch_size: int) -> Iterator[tuple[list[str], np.ndarray | None, list[str]]]:
-    """(keys, uint8 images [B, H, W, 3] or None, undecodable keys) per batch of samples, in shard order."""
-    keys, images, bad = [], [], []
-    for key, members in iter_shard(shard):
-        image = decode_image(members, image_size)
-        if image is None:
-            bad.append(key)
-        else:
-            keys.append(key)
-            images.append(image)
-        if len(keys) == batch_size:
-            yield keys, np.stack(images), bad
-            keys, images, bad = [], [], []
-    yield keys, (np.stack(images) if images else None), bad
-
-
-@torch.no_grad()
 def encode_images(model: VQGAN, images: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W, 3] -> int64 [B, h*w] token indices, row-major."""
     device = next(model.parameters()).device
@@ -76,7 +58,7 @@ def tokenize_shard(model: VQGAN, shard: Path, out_path: Path, batch_size: int = 
     keys: list[str] = []
     parts: list[np.ndarray] = []
     skipped: list[str] = []
-    for batch_keys, images, bad in _batches(Path(shard), model.image_size, batch_size):
+    for batch_keys, images, bad in decoded_batches(Path(shard), model.image_size, batch_size):
         skipped.extend(bad)
         if images is not None:
             keys.extend(batch_keys)

@@ -88,15 +88,31 @@ def load_split_images(shard_root: Path, split: str, image_size: int) -> SplitIma
     """Decode every image of ``split`` into one uint8 array, in shard order; bad samples are listed."""
     keys, arrays, skipped = [], [], []
     for shard in shard_paths(shard_root, split):
-        for key, members in iter_shard(shard):
-            image = decode_image(members, image_size)
-            if image is None:
-                skipped.append(key)
-            else:
-                keys.append(key)
-                arrays.append(image)
-    images = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)
+        for batch_keys, images, bad in decoded_batches(shard, image_size, batch_size=1024):
+            keys += batch_keys
+            skipped += bad
+            if images is not None:
+                arrays.append(images)
+    images = np.concatenate(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)
     return SplitImages(keys, images, skipped)
+
+
+def decoded_batches(shard: Path, image_size: int, batch_size: int
+                    ) -> Iterator[tuple[list[str], np.ndarray | None, list[str]]]:
+    """(keys, uint8 images [B, S, S, 3] or None, undecodable keys) per ``batch_size`` good samples."""
+    keys, images, bad = [], [], []
+    for key, members in iter_shard(shard):
+        image = decode_image(members, image_size)
+        if image is None:
+            bad.append(key)
+        else:
+            keys.append(key)
+            images.append(image)
+        if len(keys) == batch_size:
+            yield keys, np.stack(images), bad
+            keys, images, bad = [], [], []
+    if keys or bad:
+        yield keys, (np.stack(images) if images else None), bad
 
 
 # ------------------------------------------------------------------------------------- in memory

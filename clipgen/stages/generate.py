@@ -20,6 +20,7 @@ import torch
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, SampleConfig, to_dict
 from clipgen.stages.embed import default_device, run_clip
+from clipgen.stages.ingest import load_judge_if_any
 
 if TYPE_CHECKING:
     from clipgen.embed import Embeddings
@@ -74,17 +75,6 @@ def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: l
             "held_out": float(matches[is_held].mean()) if is_held.any() else None,
             "clip_score": float(result.clip_scores.mean()), "per_prompt": per_prompt,
             "images": len(matches), "result": result}
-
-
-def load_judge_if_any(cfg: PipelineConfig):
-    """The shapes world's judge, when this run has one built; else None."""
-    from clipgen.judge import load_judge
-    from clipgen.pipeline import plan
-
-    if cfg.data.source != "world":
-        return None
-    judge = plan(cfg)["judge"]  # a reading for the report, not an input: its id stays out of ours
-    return load_judge(judge.path) if judge.is_complete() else None
 
 
 def heldout_labels(cfg: PipelineConfig) -> dict[str, tuple[str, str]]:

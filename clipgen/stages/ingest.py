@@ -42,3 +42,14 @@ def build_judge(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map
     from clipgen.judge import train_judge
 
     return train_judge(cfg.data, out)
+
+
+def load_judge_if_any(cfg: PipelineConfig):
+    """The shapes world's judge, when this run has one built; else None."""
+    from clipgen.judge import load_judge
+    from clipgen.pipeline import plan
+
+    if cfg.data.source != "world":
+        return None
+    judge = plan(cfg)["judge"]  # a reading for the report, not an input: its id stays out of ours
+    return load_judge(judge.path) if judge.is_complete() else None

@@ -11,6 +11,7 @@ import numpy as np
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, to_dict
 from clipgen.stages import pending_shard_jobs
+from clipgen.stages.ingest import load_judge_if_any
 
 TOKEN_SPLITS = ("train", "heldout")
 
@@ -29,26 +30,18 @@ def build_vqgan(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map
     result = fit(cfg.vqgan, cfg.train, open_images(shards, "train", size, workers=cfg.data.workers), out,
                  heldout=held.images)
     summary = dict(result.summary)
-    judge = Artifact(cfg.run_path, "judge", _judge_id(cfg))
-    if cfg.data.source == "world" and judge.is_complete():  # a reading for the report, not an input
-        summary["judge_agreement"] = reconstruction_agreement(result.model, judge.path, held.images)
+    judge = load_judge_if_any(cfg)
+    if judge is not None:
+        summary["judge_agreement"] = reconstruction_agreement(result.model, judge, held.images)
     return summary
 
 
-def _judge_id(cfg: PipelineConfig) -> str:
-    from clipgen.pipeline import plan
-
-    return plan(cfg)["judge"].id
-
-
-def reconstruction_agreement(model, judge_dir: Path, images: np.ndarray) -> dict[str, float]:
+def reconstruction_agreement(model, judge, images: np.ndarray) -> dict[str, float]:
     """How often the judge reads the same shape and colour in the reconstruction as in the original."""
     import torch
 
     from clipgen.data.images_array import to_model_input, to_uint8
-    from clipgen.judge import load_judge
 
-    judge = load_judge(judge_dir)
     agree_shape = agree_colour = agree_both = 0
     with torch.no_grad():
         for start in range(0, len(images), 256):

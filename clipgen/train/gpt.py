@@ -109,29 +109,15 @@ def fit(cfg: GPTConfig, train: TrainConfig, data: Pairs, out_dir: Path, *, vocab
         on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
         cpu_threads: int | None = None) -> FitResult:
     """Train (or resume) the transformer into ``out_dir``; see the module docstring."""
-    info = loop.setup_distributed()
-    if info.device.type == "cpu" and cpu_threads is None:
-        cpu_threads = max(1, loop.free_cpu_threads() // info.world_size)
-    try:
-        with loop.torch_threads(cpu_threads if info.device.type == "cpu" else None):
-            return _fit(cfg, train, data, Path(out_dir), vocab_size, heldout, consistency, on_step, progress, info)
-    finally:
-        loop.teardown_distributed(info)
-
-
-def _micro_batch(cfg: GPTConfig, train: TrainConfig, world_size: int) -> int:
-    parts = world_size * train.grad_accum
-    if cfg.batch_size % parts:
-        raise ValueError(f"gpt.batch_size={cfg.batch_size} must be divisible by ranks x train.grad_accum "
-                         f"= {world_size} x {train.grad_accum}; change one of them")
-    return cfg.batch_size // parts
+    with loop.training_process(cpu_threads) as info:
+        return _fit(cfg, train, data, Path(out_dir), vocab_size, heldout, consistency, on_step, progress, info)
 
 
 def _fit(cfg, train, data: Pairs, out_dir: Path, vocab_size, heldout, consistency, on_step, progress,
          info: loop.DistInfo) -> FitResult:
     if len(data.keys) == 0:
         raise ValueError("no training pairs: the embedding and token caches share no key")
-    micro = _micro_batch(cfg, train, info.world_size)
+    micro = loop.micro_batch_size(cfg.batch_size, "gpt.batch_size", train.grad_accum, info.world_size)
     shape = model_shape(cfg, vocab_size, data.tokens.shape[1], data.cond.shape[1])
     run_config = _run_config(cfg, train, shape)
     loop.seed_everything(train.seed)  # the same seed on every rank: identical initial weights

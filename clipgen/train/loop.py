@@ -72,6 +72,29 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def training_process(cpu_threads: int | None):
+    """One ``fit()``'s process set-up: join torchrun's group (if any) and, on CPU, take ``cpu_threads``
+    torch threads (None: the cores that are free now, split over the local ranks); undone on exit."""
+    info = setup_distributed()
+    if info.device.type == "cpu" and cpu_threads is None:
+        cpu_threads = max(1, free_cpu_threads() // info.world_size)
+    try:
+        with torch_threads(cpu_threads if info.device.type == "cpu" else None):
+            yield info
+    finally:
+        teardown_distributed(info)
+
+
+def micro_batch_size(batch_size: int, key: str, train_grad_accum: int, world_size: int) -> int:
+    """Each rank's per-step micro-batch: ``batch_size`` (the config ``key``) over ranks x grad_accum."""
+    parts = world_size * train_grad_accum
+    if batch_size % parts:
+        raise ValueError(f"{key}={batch_size} must be divisible by ranks x train.grad_accum "
+                         f"= {world_size} x {train_grad_accum}; change one of them")
+    return batch_size // parts
+
+
 def free_cpu_threads(sample_seconds: float = 0.3) -> int:
     """CPU threads worth using now: the cores this process may run on, minus those other processes keep busy.
 

@@ -173,14 +173,6 @@ def _generator_loss(parts: _Parts, x: torch.Tensor, recon: torch.Tensor, q_loss:
     return loss, logs
 
 
-def _split_batch(cfg: VQGANConfig, train: TrainConfig, world_size: int) -> int:
-    parts = world_size * train.grad_accum
-    if cfg.batch_size % parts:
-        raise ValueError(f"vqgan.batch_size={cfg.batch_size} must be divisible by ranks x train.grad_accum "
-                         f"= {world_size} x {train.grad_accum}; change one of them")
-    return cfg.batch_size // parts
-
-
 def fit(cfg: VQGANConfig, train: TrainConfig, data: ArrayImages | ShardStream | np.ndarray, out_dir: Path, *,
         heldout: np.ndarray | None = None, on_step: Callable[[int, dict], None] | None = None,
         progress: bool = True, cpu_threads: int | None = None) -> FitResult:
@@ -191,19 +183,13 @@ def fit(cfg: VQGANConfig, train: TrainConfig, data: ArrayImages | ShardStream | 
     called after every step (a test uses it to kill a run). ``cpu_threads``: torch threads on CPU; None
     takes the cores that are free when training starts (see :func:`clipgen.train.loop.free_cpu_threads`).
     """
-    info = loop.setup_distributed()
-    if info.device.type == "cpu" and cpu_threads is None:
-        cpu_threads = max(1, loop.free_cpu_threads() // info.world_size)
-    try:
-        with loop.torch_threads(cpu_threads if info.device.type == "cpu" else None):
-            return _fit(cfg, train, data if not isinstance(data, np.ndarray) else ArrayImages(data),
-                        Path(out_dir), heldout, on_step, progress, info)
-    finally:
-        loop.teardown_distributed(info)
+    with loop.training_process(cpu_threads) as info:
+        return _fit(cfg, train, data if not isinstance(data, np.ndarray) else ArrayImages(data),
+                    Path(out_dir), heldout, on_step, progress, info)
 
 
 def _fit(cfg, train, data, out_dir, heldout, on_step, progress, info: loop.DistInfo) -> FitResult:
-    micro = _split_batch(cfg, train, info.world_size)
+    micro = loop.micro_batch_size(cfg.batch_size, "vqgan.batch_size", train.grad_accum, info.world_size)
     run_config = _run_config(cfg, train, data.image_size)
     loop.seed_everything(train.seed)  # the same seed on every rank: identical initial weights
     parts = _build(cfg, data.image_size, info.device)
