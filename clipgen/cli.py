@@ -22,6 +22,7 @@ EPILOG = """examples:
   clipgen run pipelines/shapes.yaml --stages ingest      # one stage (cached stages are skipped)
   clipgen run pipelines/shapes.yaml --set gpt.n_layer=6  # an ablation: only downstream stages rerun
   clipgen status runs/shapes                             # stage ids and what is cached
+  clipgen evaluate --run runs/shapes                     # (re)build only the evaluation report
   clipgen generate --run runs/shapes "a red circle" "a green triangle" -n 8 --out samples/
 """
 
@@ -46,22 +47,51 @@ def load_run_config(target: str, overrides: list[str]) -> PipelineConfig:
     return load_config(path, overrides)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from clipgen.pipeline import parse_stages
-
-    cfg = load_config(args.pipeline, args.overrides)  # fail on bad config before Prefect starts
-    parse_stages(args.stages)
+def run_flow(pipeline: str, overrides: list[str], stages: str | None) -> dict[str, dict]:
+    """Run ``stages`` through the Prefect ``clip-gen`` flow (ephemeral mode unless PREFECT_API_URL is set)."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipgen")
     if os.environ.get("PREFECT_HOME"):  # Prefect's local database cannot be created in a missing folder
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     from flows.pipeline import clip_gen  # Prefect is imported here, never by the library
 
-    results = clip_gen(pipeline=str(args.pipeline), overrides=args.overrides, stages=args.stages)
+    return clip_gen(pipeline=pipeline, overrides=overrides, stages=stages)
+
+
+def print_results(cfg: PipelineConfig, results: dict[str, dict]) -> None:
     print(f"\nrun folder: {cfg.run_path.resolve()}")
     for stage, steps in results.items():
         for name, res in steps.items():
             state = "cached" if res["skipped"] else "built"
             print(f"  {stage:<14} {name:<10} {state:<7} {res['path']}")
+    report = results.get("evaluate", {}).get("report")
+    if report:
+        print(f"\nreport: {Path(report['path']).resolve() / 'index.html'}")
+        for key, value in report["headline"].items():
+            print(f"  {key:<20} {'-' if value is None else f'{value:.4g}'}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from clipgen.pipeline import parse_stages
+
+    cfg = load_config(args.pipeline, args.overrides)  # fail on bad config before Prefect starts
+    parse_stages(args.stages)
+    print_results(cfg, run_flow(str(args.pipeline), args.overrides, args.stages))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import shutil
+
+    from clipgen.pipeline import plan
+
+    cfg = load_run_config(args.run, args.overrides)
+    pipeline, overrides = str(args.run), list(args.overrides)
+    if Path(args.run).is_dir():
+        pipeline, overrides = str(Path(args.run) / "pipeline.yaml"), [*overrides, f"run_dir={args.run}"]
+    report = plan(cfg)["report"]
+    if args.force and report.path.exists():
+        shutil.rmtree(report.path)  # rebuilt below; every input artifact stays as it is
+    print_results(cfg, run_flow(pipeline, overrides, "evaluate"))
     return 0
 
 
@@ -142,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help="comma-separated stages to run, in pipeline order (default: all)")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", help="run only the evaluate stage on a finished run and print the report",
+                       description="Build the evaluation report of a run whose other stages are finished.")
+    p.add_argument("--run", required=True, help="a run folder (runs/shapes) or a pipeline YAML")
+    p.add_argument("--force", action="store_true", help="rebuild the report even if this config's is cached")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("status", help="list each step's id and whether it is cached",
                        description="Show every step of a pipeline with its content-addressed id and state.")

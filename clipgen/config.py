@@ -173,11 +173,14 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
+    prompts: list[str] = field(default_factory=list)  # empty: every colour-shape pair (world) or held-out captions
     images_per_prompt: int = 16
     inception_weights: str | None = None  # local Inception weights: adds standard FID/IS
-    scoring_clip: str | None = None  # a second, independent open_clip model for CLIP score
+    scoring_clip: str | None = None  # a second, independent open_clip model for CLIP score and R-precision
     scoring_clip_pretrained: str | None = None
     memorisation_threshold: float = 0.95
+    r_precision_distractors: int = 99
+    nn_pairs: int = 8  # most-memorised samples shown beside their nearest training image
 
 
 @dataclass

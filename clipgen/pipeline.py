@@ -19,10 +19,11 @@ import yaml
 
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
-from clipgen.stages import embed, generate, gpt, ingest, tokenizer
+from clipgen.stages import embed, evaluate, generate, gpt, ingest, tokenizer
 
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
-STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed", "train-vqgan", "tokenize", "train-gpt", "generate")
+STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed", "train-vqgan", "tokenize", "train-gpt", "generate",
+                           "evaluate")
 
 # How a step fans out over independent parts (shards): the library maps serially; flows pass a
 # function that maps through Prefect's task runner (threads or Dask) instead.
@@ -62,6 +63,9 @@ STEPS: tuple[Step, ...] = (
          gpt.build_gpt),
     Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "1",
          generate.generate_config, generate.build_generate),
+    # the shards and judge ids cover the held-out reference set and the scorer
+    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "1",
+         evaluate.evaluate_config, evaluate.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}
 

@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 from clipgen.pipeline import parse_stages, save_run_config
 from flows.common import load, with_task_runner
 from flows.embed import embed
+from flows.evaluate import evaluate
 from flows.generate import generate
 from flows.ingest import ingest
 from flows.pretrain_clip import pretrain_clip
@@ -16,7 +17,7 @@ from flows.train_vqgan import train_vqgan
 
 STAGE_FLOWS = {"ingest": ingest, "pretrain-clip": pretrain_clip, "embed": embed, "train-vqgan": train_vqgan,
                "tokenize": tokenize, "train-gpt": train_gpt,
-               "generate": generate}
+               "generate": generate, "evaluate": evaluate}
 
 
 @flow(name="clip-gen")

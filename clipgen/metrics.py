@@ -1,0 +1,187 @@
+"""Image-generation metrics: FD/KID/precision-recall through torch-fidelity, CLIP score, R-precision and
+nearest-neighbour memorisation.
+
+* **Fréchet distance, KID, precision/recall** come from torch-fidelity. Offline there are no Inception
+  weights, so :func:`fidelity_metrics` registers a torch-fidelity feature extractor over one of our CLIP
+  image encoders: the numbers are "FD in <model> feature space", not FID, and are comparable only within
+  that feature space. Given local Inception weights, :func:`inception_metrics` adds the standard FID and IS.
+* **CLIP score** is torchmetrics' definition, ``100 * max(cos(image, text), 0)``, averaged.
+* **CLIP R-precision** (AttnGAN / Park et al. 2021): an image scores a hit when its own prompt is more
+  similar to it than each of ``n_distractors`` captions drawn from a pool of *other* captions.
+* **Memorisation** is each image's cosine similarity to its nearest training image in CLIP space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+KID_SUBSETS = 100
+MAX_KID_SUBSET = 1000  # torch-fidelity's default subset size, shrunk for small sets
+
+
+class UInt8Images(Dataset):
+    """uint8 ``[N, H, W, 3]`` images as torch-fidelity wants them: uint8 ``[3, H, W]`` tensors."""
+
+    def __init__(self, images: np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+
+
+# A torch-fidelity extractor is built by name from its registry, so the CLIP it wraps is looked up here.
+_EXTRACTOR_CLIPS: dict[str, Any] = {}
+
+
+def register_clip_extractor(clip, name: str) -> str:
+    """Register (or rebind) torch-fidelity feature extractor ``name`` over ``clip``'s image encoder.
+
+    Its one feature, ``clip``, is the unit-norm image embedding of the image at the CLIP's own input size.
+    """
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    class ClipImageFeatures(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+
+        def forward(self, x: torch.Tensor):
+            pixels = x.permute(0, 2, 3, 1).cpu()  # [B, H, W, 3] uint8; ClipModel resizes if needed
+            return (_EXTRACTOR_CLIPS[self.name].encode_images(pixels).float().cpu(),)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("clip",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "clip"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+    _EXTRACTOR_CLIPS[name] = clip
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(name, ClipImageFeatures)
+    return name
+
+
+def fidelity_metrics(generated: np.ndarray, reference: np.ndarray, extractor: str, *, cuda: bool = False,
+                     cache_root: Path | None = None, reference_cache_name: str | None = None,
+                     **kwargs) -> dict[str, float]:
+    """FD, KID (mean and std) and precision/recall of ``generated`` against ``reference`` images.
+
+    With ``reference_cache_name`` the reference set's features and statistics are cached under
+    ``cache_root`` (keyed by that name and the extractor), so each evaluation extracts them once.
+    """
+    import torch_fidelity
+
+    if min(len(generated), len(reference)) < 4:
+        raise ValueError(f"FD/KID/PR need at least 4 images per set; got {len(generated)} and {len(reference)}")
+    cached = reference_cache_name is not None
+    raw = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, kid=True, prc=True,
+        feature_extractor=extractor, cuda=cuda, verbose=False, batch_size=256, save_cpu_ram=True,
+        kid_subset_size=min(MAX_KID_SUBSET, len(generated), len(reference)), kid_subsets=KID_SUBSETS,
+        cache=cached, cache_root=str(cache_root) if cached else None, input2_cache_name=reference_cache_name,
+        **kwargs)
+    return {"fd": raw["frechet_inception_distance"], "kid": raw["kernel_inception_distance_mean"],
+            "kid_std": raw["kernel_inception_distance_std"], "precision": raw["precision"], "recall": raw["recall"]}
+
+
+def check_inception_weights(path: str | Path) -> Path:
+    """The local Inception weights file, checked to hold plain tensors only (torch-fidelity later loads
+    it with ``weights_only=False``, which would run any pickled code)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"eval.inception_weights: no file at {path}. Download torch-fidelity's "
+            "weights-inception-2015-12-05-6726825d.pth on a machine with internet and copy it here, "
+            "or remove eval.inception_weights to report CLIP-space FD only")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"eval.inception_weights: {path} is not a plain PyTorch state dict ({error})") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"eval.inception_weights: {path} does not hold a state dict of tensors")
+    return path
+
+
+def inception_metrics(generated: np.ndarray, reference: np.ndarray, weights: str | Path, *, cuda: bool = False,
+                      cache_root: Path | None = None, reference_cache_name: str | None = None) -> dict[str, float]:
+    """Standard FID and Inception Score from local Inception-v3 weights (torch-fidelity's 2015 port)."""
+    import torch_fidelity
+
+    path = check_inception_weights(weights)
+    cached = reference_cache_name is not None
+    raw = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, isc=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(path), cuda=cuda,
+        verbose=False, batch_size=64, save_cpu_ram=True, isc_splits=min(10, len(generated)),
+        cache=cached, cache_root=str(cache_root) if cached else None,
+        input2_cache_name=f"{reference_cache_name}-inception" if cached else None)
+    return {"fid": raw["frechet_inception_distance"], "is": raw["inception_score_mean"],
+            "is_std": raw["inception_score_std"]}
+
+
+def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
+    """torchmetrics' CLIP score: mean of ``100 * max(cos, 0)`` over matched (image, text) rows."""
+    cos = torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
+    return float((100 * cos.clamp(min=0)).mean())
+
+
+class RPrecision(NamedTuple):
+    value: float  # fraction of images whose own prompt beat every distractor
+    distractors: int  # distractors per image (99 unless the pool was smaller)
+    images: int
+
+
+def r_precision(image_emb: torch.Tensor, true_text_emb: torch.Tensor, pool_emb: torch.Tensor,
+                image_groups: list, pool_groups: list, n_distractors: int = 99, seed: int = 0) -> RPrecision:
+    """CLIP R-precision of ``image_emb`` [N, D] against their own prompts ``true_text_emb`` [N, D].
+
+    Each image's distractors are ``n_distractors`` pool captions [M, D] drawn at random among those whose
+    group differs from the image's (a caption of the same attribute combination is not a wrong answer).
+    A tie with a distractor counts as a miss.
+    """
+    image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+    true_sim = (image_emb * torch.nn.functional.normalize(true_text_emb.float(), dim=-1)).sum(-1)
+    pool_sim = image_emb @ torch.nn.functional.normalize(pool_emb.float(), dim=-1).T  # [N, M]
+    group_ids = {g: i for i, g in enumerate(dict.fromkeys([*pool_groups, *image_groups]))}  # any hashable group
+    pool_ids = np.array([group_ids[g] for g in pool_groups])
+    rng = np.random.default_rng(seed)
+    hits, fewest = 0, n_distractors
+    for i, group in enumerate(image_groups):
+        candidates = np.flatnonzero(pool_ids != group_ids[group])
+        if len(candidates) == 0:
+            raise ValueError(f"R-precision: no distractor caption differs from group {group!r}")
+        chosen = rng.choice(candidates, size=min(n_distractors, len(candidates)), replace=False)
+        fewest = min(fewest, len(chosen))
+        hits += bool((true_sim[i] > pool_sim[i, chosen]).all())
+    return RPrecision(hits / max(1, len(image_groups)), fewest, len(image_groups))
+
+
+def similarity_summary(similarity: np.ndarray, threshold: float) -> dict[str, float]:
+    """The distribution of nearest-neighbour cosine similarities, and the fraction above ``threshold``."""
+    s = np.asarray(similarity, dtype=np.float64)
+    if s.size == 0:
+        return {"images": 0}
+    q = np.quantile(s, [0.5, 0.9, 0.99])
+    return {"images": int(s.size), "mean": float(s.mean()), "median": float(q[0]), "p90": float(q[1]),
+            "p99": float(q[2]), "max": float(s.max()), "threshold": threshold,
+            "fraction_above": float((s > threshold).mean())}

@@ -1,0 +1,209 @@
+"""The evaluation report: ``metrics.json`` plus ``index.html`` with its figures, all in one folder.
+
+The page links only files beside it (relative paths), so the folder can be copied or served as is:
+a grid of samples per prompt, the anchor rows' images, training curves per stage (matplotlib), the
+metric table, the memorisation histogram with the most-memorised samples beside their nearest training
+image, and the run's resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from clipgen.artifacts import Artifact, write_json_atomic, write_text_atomic
+
+GRID_SCALE = 2  # small world images are upscaled (nearest) so shapes are visible on screen
+CURVE_STAGES = {"toyclip": "toy CLIP (contrastive)", "vqgan": "VQGAN tokenizer", "gpt": "transformer"}
+TABLE_COLUMNS = (("fd", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
+                 ("clip_score", "CLIP score ↑"), ("r_precision", "R-precision ↑"), ("judge_both", "judge: both ↑"),
+                 ("nn_similarity_median", "NN cos (median)"), ("memorised_fraction", "memorised"))
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metric table as one dict per row (samples and anchors), rounded for display."""
+    return [{"set": name, **{label: None if row.get(k) is None else round(float(row[k]), 4) for k, label in TABLE_COLUMNS}}
+            for name, row in metrics["rows"].items()]
+
+
+def link_latest(report_dir: Path) -> Path:
+    """Point ``<run>/report/latest`` at ``report_dir`` (replaced atomically), so the newest report has one path."""
+    report_dir = Path(report_dir)
+    link = report_dir.parent / "latest"
+    tmp = report_dir.parent / f".latest.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(report_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
+    return link
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = GRID_SCALE) -> str:
+    """Tile uint8 images [N, H, W, 3] into one PNG (2-pixel gaps); returns the file name."""
+    n, h, w, _ = images.shape
+    rows = max(1, -(-n // columns))
+    cols = min(columns, max(1, n))
+    canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = image
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    return path.name
+
+
+def plot_curves(metrics_file: Path, title: str, path: Path) -> str | None:
+    """Loss curves (left) and any quality metric (right) of one training stage's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_file.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "step" in r]
+    if not records:
+        return None
+    losses = [k for k in ("loss", "eval_loss", "val_loss") if any(k in r for r in records)]
+    quality = [k for k in ("psnr", "code_usage", "logit_scale") if any(k in r for r in records)][:1]
+    fig, axes = plt.subplots(1, 1 + bool(quality), figsize=(9 if quality else 5, 3.2), squeeze=False)
+    for ax, keys in zip(axes[0], (losses, quality), strict=False):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def plot_similarity(similarities: dict[str, np.ndarray], threshold: float, path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    # zoom on where the mass is: in a small world most nearest neighbours sit close to 1
+    low = min(float(np.quantile(v, 0.01)) for v in similarities.values() if len(v))
+    low = min(np.floor(low * 20) / 20, threshold - 0.05)
+    for name, values in similarities.items():
+        ax.hist(np.clip(values, low, 1.0), bins=50, range=(low, 1.0), alpha=0.5, label=name, density=True)
+    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold}")
+    ax.set_xlabel("cosine similarity to the nearest training image (CLIP space)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def images_by_key(shard_root: Path, split: str, keys: list[str], image_size: int) -> dict[str, np.ndarray]:
+    from clipgen.data.images_array import decode_image
+    from clipgen.data.shards import iter_shard, shard_paths
+
+    wanted, found = set(keys), {}
+    for shard in shard_paths(shard_root, split):
+        for key, members in iter_shard(shard):
+            if key in wanted and (image := decode_image(members, image_size)) is not None:
+                found[key] = image
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def write_report(out: Path, cfg, metrics: dict[str, Any], result, neighbours: dict[str, Any], held, shards: Path,
+                 inputs: dict[str, Artifact]) -> Path:
+    """Write every figure, ``metrics.json`` and ``index.html`` into ``out``; returns the page's path."""
+    out = Path(out)
+    figures: dict[str, Any] = {"prompts": [], "curves": [], "pairs": []}
+    per_prompt = metrics.get("per_prompt") or {}
+    prompts = np.array(result.prompts, dtype=object)
+    for i, prompt in enumerate(dict.fromkeys(result.prompts)):
+        name = save_grid(result.images[prompts == prompt], out / f"prompt_{i:03d}.png")
+        figures["prompts"].append((prompt, name, per_prompt.get(prompt)))
+    n_anchor = min(16, len(held.images))
+    figures["anchors"] = save_grid(held.images[:n_anchor], out / "real_heldout.png")
+    for step, title in CURVE_STAGES.items():
+        if step in inputs and (name := plot_curves(inputs[step].path / "metrics.jsonl", title, out / f"curves_{step}.png")):
+            figures["curves"].append((title, name))
+    samples = neighbours["samples"]
+    similarity = samples.scores[:, 0]
+    figures["histogram"] = plot_similarity(
+        {"samples": similarity, "real held-out images (baseline)": neighbours["real images"].scores[:, 0]},
+        cfg.eval.memorisation_threshold, out / "memorisation.png")
+    top = np.argsort(-similarity)[:cfg.eval.nn_pairs]
+    train = images_by_key(shards, "train", [samples.keys[i][0] for i in top], cfg.data.image_size)
+    for rank, i in enumerate(top):
+        key = samples.keys[i][0]
+        if key in train:
+            name = save_grid(np.stack([result.images[i], train[key]]), out / f"nn_{rank:02d}.png", columns=2)
+            figures["pairs"].append((name, result.prompts[i], key, float(similarity[i])))
+    write_json_atomic(out / "metrics.json", metrics)
+    config_text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    page = out / "index.html"
+    write_text_atomic(page, render_html(metrics, figures, config_text))
+    return page
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def render_html(m: dict[str, Any], figures: dict[str, Any], config_text: str) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(label)}</th>" for _, label in TABLE_COLUMNS)
+    body = "".join(f"<tr><th>{e(name)}</th>" + "".join(f"<td>{_fmt(row.get(k))}</td>" for k, _ in TABLE_COLUMNS) + "</tr>"
+                   for name, row in m["rows"].items())
+    headline = "".join(f"<li><b>{e(k)}</b>: {_fmt(v)}</li>" for k, v in m["headline"].items())
+    grids = "".join(f"<figure><img src='{name}' alt='{e(p)}'><figcaption>{e(p)}"
+                    + (f" — judge {acc:.0%}" if acc is not None else "") + "</figcaption></figure>"
+                    for p, name, acc in figures["prompts"])
+    curves = "".join(f"<figure><img src='{name}' alt='{e(t)}'></figure>" for t, name in figures["curves"])
+    pairs = "".join(f"<figure><img src='{name}'><figcaption>{e(p)} · cos {s:.3f}<br>train {e(k)}</figcaption></figure>"
+                    for name, p, k, s in figures["pairs"])
+    extra = ""
+    if m.get("inception"):
+        extra = "<h3>Inception (standard FID / IS)</h3><ul>" + "".join(
+            f"<li>{e(k)}: FID {_fmt(v['fid'])}, IS {_fmt(v['is'])} ± {_fmt(v['is_std'])}</li>" for k, v in m["inception"].items()) + "</ul>"
+    tok = m["tokenizer"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>clipgen report: {e(m['run'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} figure{{display:inline-block;margin:6px}}
+figcaption{{font-size:12px;text-align:center}} pre{{background:#f6f6f6;padding:1em;font-size:12px}}
+img{{image-rendering:pixelated}}</style></head><body>
+<h1>clipgen evaluation: {e(m['run'])}</h1>
+<ul>{headline}</ul>
+<h2>Metrics</h2>
+<p>{m['images_per_set']} images per row against {m['reference_images']} held-out real images.
+Fidelity is measured in {e(m['feature_space'])}. Text alignment is scored by {e(m['scoring_clip'])}.
+The <i>real images</i> row measures real train images against the held-out set (the floor) and held-out images
+for the other columns; <i>random token grids</i> is the ceiling.</p>
+<table><tr><th></th>{head}</tr>{body}</table>{extra}
+<p>Tokenizer: PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['code_usage'])},
+reconstruction FD {_fmt(tok['reconstruction_fd'])}.</p>
+<h2>Samples per prompt</h2>{grids}
+<h3>Held-out real images</h3><figure><img src='{figures['anchors']}'></figure>
+<h2>Training curves</h2>{curves}
+<h2>Memorisation</h2>
+<p>Each image's cosine similarity to its nearest training image in the run's CLIP space (faiss index of the
+embedding cache). Read the samples against the real held-out images, which were never trained on: a sample
+set that sits closer to the training images than they do is copying.</p><figure><img src='{figures['histogram']}'></figure>
+<h3>Most memorised samples (sample | nearest training image)</h3>{pairs}
+<h2>Config</h2><pre>{e(config_text)}</pre>
+<p>ids: {e(json.dumps(m['ids']))}</p></body></html>"""

@@ -1,0 +1,229 @@
+"""The ``evaluate`` stage: score a finished run and write ``report/<id>/metrics.json`` and ``index.html``.
+
+It draws ``eval.images_per_prompt`` images for each evaluation prompt with the run's sampling settings and
+compares them with the held-out real images. Three anchor rows put the numbers in scale, each measured
+the same way and with as many images as the samples:
+
+* **real images**: fidelity of real *train* images against the held-out reference (the floor), and the
+  text metrics and memorisation of real *held-out* images (what a perfect generator would score);
+* **VQGAN reconstructions** of held-out images: the best the tokenizer allows;
+* **random token grids** decoded by the VQGAN: the ceiling no trained transformer should reach.
+
+Fidelity (FD/KID/precision/recall) is measured in the run's CLIP feature space through torch-fidelity;
+CLIP score and R-precision by ``eval.scoring_clip`` where one is configured, else by the run's CLIP
+(flagged as flattering: that CLIP also conditioned and re-ranked the samples). On the shapes world the
+judge is the independent scorer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from clipgen.artifacts import Artifact
+from clipgen.config import ConfigError, PipelineConfig, to_dict
+from clipgen.stages.embed import read_labeled_split
+
+MAX_CAPTION_PROMPTS = 64  # evaluation prompts taken from held-out captions when none are configured
+
+
+class ImageSet(NamedTuple):
+    name: str
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    texts: list[str]  # the text each image should match (its prompt, or its real label)
+    groups: list[Any]  # each text's attribute combination: R-precision never uses a same-group distractor
+
+
+def evaluate_config(cfg: PipelineConfig) -> dict[str, Any]:
+    sample = {k: v for k, v in to_dict(cfg.sample).items() if k != "prompts"}  # eval has its own prompts
+    return {"eval": to_dict(cfg.eval), "sample": sample}
+
+
+def text_group(text: str, world: bool) -> Any:
+    """A text's attribute combination: (colour, shape) words on the shapes world, else the text itself."""
+    if not world:
+        return text
+    from clipgen.data.world import COLOUR_NAMES, SHAPES
+
+    words = set(text.lower().replace(",", " ").split())
+    return (next((c for c in COLOUR_NAMES if c in words), None), next((s for s in SHAPES if s in words), None))
+
+
+def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
+    from clipgen.generate import check_prompts
+
+    if cfg.eval.prompts:
+        return check_prompts(cfg.eval.prompts)
+    if cfg.data.source == "world":
+        from clipgen.data.world import COLOUR_NAMES, SHAPES
+
+        return [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPES]
+    captions = list(dict.fromkeys(m["caption"] for m in held_meta if m.get("caption")))[:MAX_CAPTION_PROMPTS]
+    if not captions:
+        raise ConfigError("eval.prompts is empty and the held-out shards carry no captions to borrow; "
+                          "list the evaluation prompts under eval.prompts")
+    return captions
+
+
+def real_texts(cfg: PipelineConfig, meta: list[dict]) -> list[str]:
+    """What each real image shows, phrased like the world's evaluation prompts (else its caption)."""
+    if cfg.data.source == "world":
+        return [f"a {m['colour']} {m['shape']}" for m in meta]
+    return [m.get("caption") or "" for m in meta]
+
+
+def anchor_sets(cfg: PipelineConfig, gen, held, prompts: list[str], n: int) -> list[ImageSet]:
+    """Held-out real images, their VQGAN reconstructions and random token grids, ``n`` of each."""
+    from clipgen.data.images_array import to_model_input, to_uint8
+
+    world = cfg.data.source == "world"
+    texts = real_texts(cfg, held.meta[:n])
+    real = held.images[:n]
+    vqgan, device = gen.vqgan, next(gen.vqgan.parameters()).device
+    recon, noise = [], []
+    generator = torch.Generator(device="cpu").manual_seed(cfg.sample.seed)
+    side = vqgan.grid_size
+    with torch.no_grad():
+        for start in range(0, n, 256):
+            batch = torch.from_numpy(real[start:start + 256])
+            recon.append(to_uint8(vqgan.decode_indices(vqgan.encode(to_model_input(batch).to(device)))))
+            tokens = torch.randint(vqgan.codebook_size, (len(batch), side, side), generator=generator)
+            noise.append(to_uint8(vqgan.decode_indices(tokens.to(device))))
+    cycled = [prompts[i % len(prompts)] for i in range(n)]
+    return [ImageSet("real images", real, texts, [text_group(t, world) for t in texts]),
+            ImageSet("VQGAN reconstructions", torch.cat(recon).cpu().numpy(), texts, [text_group(t, world) for t in texts]),
+            ImageSet("random token grids", torch.cat(noise).cpu().numpy(), cycled, [text_group(t, world) for t in cycled])]
+
+
+def scoring_clip(cfg: PipelineConfig, run_clip) -> tuple[Any, str, bool]:
+    """(the CLIP that scores text alignment, its description, whether it is independent of the run)."""
+    if cfg.eval.scoring_clip:
+        from clipgen.clip import load_clip
+
+        clip = load_clip(cfg.eval.scoring_clip, cfg.eval.scoring_clip_pretrained, device=run_clip.device)
+        return clip, f"{cfg.eval.scoring_clip} ({cfg.eval.scoring_clip_pretrained or 'random init'})", True
+    return run_clip, f"{cfg.clip.model}, the run's own CLIP (it also conditioned and re-ranked: flattering)", False
+
+
+def text_alignment(clip, sets: list[ImageSet], pool_texts: list[str], pool_groups: list[Any], distractors: int,
+                   seed: int) -> dict[str, dict[str, Any]]:
+    """CLIP score and R-precision of every set, scored by ``clip``."""
+    from clipgen.metrics import clip_score, r_precision
+
+    pool = clip.encode_texts(pool_texts).cpu()
+    out = {}
+    for s in sets:
+        images, texts = clip.encode_images(s.images).cpu(), clip.encode_texts(s.texts).cpu()
+        rp = r_precision(images, texts, pool, s.groups, pool_groups, distractors, seed)
+        out[s.name] = {"clip_score": clip_score(images, texts), "r_precision": rp.value, "distractors": rp.distractors}
+    return out
+
+
+def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
+    """Judge accuracy per attribute, and on both, for seen and held-out combinations."""
+    verdict = judge.predict(s.images)
+    colour_ok = np.array([c == g[0] for c, g in zip(verdict.colours, s.groups, strict=True)])
+    shape_ok = np.array([sh == g[1] for sh, g in zip(verdict.shapes, s.groups, strict=True)])
+    both = colour_ok & shape_ok
+    held = {tuple(c.lower().split()) for c in held_combos}
+    is_held = np.array([g in held for g in s.groups])
+    return {"shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()), "both": float(both.mean()),
+            "seen": float(both[~is_held].mean()) if (~is_held).any() else None,
+            "held_out": float(both[is_held].mean()) if is_held.any() else None, "images": len(both)}
+
+
+def nearest_train(gen, images: np.ndarray):
+    """Each image's most similar train image in the run's CLIP space (the embed stage's faiss index)."""
+    from clipgen.index import search
+
+    return search(gen.index, gen.clip.encode_images(images).float().cpu().numpy(), 1)
+
+
+def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.generate import generate
+    from clipgen.metrics import (
+        check_inception_weights,
+        fidelity_metrics,
+        inception_metrics,
+        register_clip_extractor,
+        similarity_summary,
+    )
+    from clipgen.report import write_report
+    from clipgen.stages.generate import load_generator
+
+    e, world = cfg.eval, cfg.data.source == "world"
+    if e.inception_weights:
+        check_inception_weights(e.inception_weights)  # fail before the expensive part
+    gen = load_generator(cfg, inputs)
+    shards, size = inputs["shards"].path, cfg.data.image_size
+    held = read_labeled_split(shards, "heldout", size)
+    prompts = eval_prompts(cfg, held.meta)
+    result = generate(gen, prompts, dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt))
+    n = len(result.images)
+    samples = ImageSet("samples", result.images, result.prompts, [text_group(p, world) for p in result.prompts])
+    sets = [samples, *anchor_sets(cfg, gen, held, prompts, n)]
+    train_real = read_labeled_split(shards, "train", size, limit=n).images
+
+    cuda = gen.clip.device.type == "cuda"
+    extractor = register_clip_extractor(gen.clip, f"clipgen-clip-{inputs['embeddings'].id}")
+    cache = {"cache_root": cfg.run_path / "cache" / "fidelity", "reference_cache_name": f"heldout-{inputs['embeddings'].id}"}
+    fidelity = {s.name: fidelity_metrics(train_real if s.name == "real images" else s.images, held.images, extractor,
+                                         cuda=cuda, **cache) for s in sets}
+    inception = None
+    if e.inception_weights:
+        inception = {name: inception_metrics(images, held.images, e.inception_weights, cuda=cuda, **cache)
+                     for name, images in (("samples", samples.images), ("real images", train_real))}
+
+    scorer, scorer_name, independent = scoring_clip(cfg, gen.clip)
+    pool_texts = real_texts(cfg, held.meta) if not world else [m["caption"] for m in held.meta]
+    alignment = text_alignment(scorer, sets, pool_texts, [text_group(t, world) for t in pool_texts],
+                               e.r_precision_distractors, cfg.sample.seed)
+    judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in sets} if gen.judge else None
+
+    neighbours = {s.name: nearest_train(gen, s.images) for s in sets}
+    memorisation = {name: similarity_summary(nb.scores[:, 0], e.memorisation_threshold) for name, nb in neighbours.items()}
+    rows = {s.name: {**fidelity[s.name], **alignment[s.name],
+                     "judge_both": judge[s.name]["both"] if judge else None,
+                     "nn_similarity_median": memorisation[s.name].get("median"),
+                     "memorised_fraction": memorisation[s.name].get("fraction_above")} for s in sets}
+    metrics = {
+        "run": cfg.name, "ids": {name: art.id for name, art in inputs.items()}, "settings": evaluate_config(cfg),
+        "prompts": prompts, "images_per_set": n, "reference_images": len(held.images),
+        "feature_space": f"{cfg.clip.model} image embeddings (the run's CLIP): FD here is not Inception FID",
+        "scoring_clip": scorer_name, "scoring_clip_independent": independent,
+        "rows": rows, "inception": inception, "judge": judge, "memorisation": memorisation,
+        "per_prompt": per_prompt_accuracy(result) if result.shapes is not None else None,
+        "tokenizer": tokenizer_summary(inputs["vqgan"], fidelity["VQGAN reconstructions"]["fd"]),
+    }
+    metrics["headline"] = headline(metrics)
+    write_report(out, cfg, metrics, result, neighbours, held, shards, inputs)
+    return {"headline": metrics["headline"], "report": str(out / "index.html")}
+
+
+def per_prompt_accuracy(result) -> dict[str, float]:
+    from clipgen.generate import prompt_matches
+
+    ok = np.array([prompt_matches(p, s, c) for p, s, c in zip(result.prompts, result.shapes, result.colours, strict=True)])
+    prompts = np.array(result.prompts, dtype=object)
+    return {p: float(ok[prompts == p].mean()) for p in dict.fromkeys(result.prompts)}
+
+
+def tokenizer_summary(vqgan: Artifact, reconstruction_fd: float) -> dict[str, Any]:
+    held = vqgan.summary().get("heldout", {})
+    return {"psnr": held.get("psnr"), "code_usage": held.get("code_usage"), "perplexity": held.get("perplexity"),
+            "judge_agreement": vqgan.summary().get("judge_agreement"), "reconstruction_fd": reconstruction_fd}
+
+
+def headline(m: dict[str, Any]) -> dict[str, Any]:
+    rows, judge = m["rows"], m["judge"]
+    out = {"fd_samples": rows["samples"]["fd"], "fd_floor_real": rows["real images"]["fd"],
+           "fd_ceiling_random": rows["random token grids"]["fd"], "clip_score": rows["samples"]["clip_score"],
+           "r_precision": rows["samples"]["r_precision"],
+           "memorised_fraction": rows["samples"]["memorised_fraction"]}
+    if judge:
+        out |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": judge["samples"]["held_out"]}
+    return out

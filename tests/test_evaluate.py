@@ -1,0 +1,142 @@
+"""The evaluate stage: metrics with known answers, the report on a tiny run, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from clipgen.metrics import (
+    check_inception_weights,
+    clip_score,
+    fidelity_metrics,
+    inception_metrics,
+    r_precision,
+    register_clip_extractor,
+    similarity_summary,
+)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from clipgen.clip import load_clip
+
+    torch.manual_seed(0)
+    return register_clip_extractor(load_clip("toy-clip", None), "clipgen-test-random-toy")
+
+
+def world_images(n: int, seed: int) -> np.ndarray:
+    from clipgen.data.world import render_array, sample_attributes
+
+    rng = np.random.default_rng(seed)
+    return np.stack([render_array(sample_attributes(rng), 32) for _ in range(n)])
+
+
+def test_fd_is_zero_for_identical_sets_and_grows_with_a_shift(extractor):
+    images = world_images(64, seed=1)
+    same = fidelity_metrics(images, images, extractor)
+    assert abs(same["fd"]) < 1e-6 and same["precision"] == 1.0 and same["recall"] == 1.0
+    shifted = [fidelity_metrics(np.clip(images.astype(int) + d, 0, 255).astype(np.uint8), images, extractor)["fd"]
+               for d in (40, 120)]
+    assert 1e-4 < shifted[0] < shifted[1]
+
+
+def test_fd_of_two_draws_is_below_a_shifted_set_and_the_reference_is_cached(extractor, tmp_path):
+    a, b = world_images(64, seed=1), world_images(64, seed=2)
+    cache = {"cache_root": tmp_path, "reference_cache_name": "ref"}
+    fresh = fidelity_metrics(a, b, extractor, **cache)
+    assert list(tmp_path.glob("ref-*")), "the reference set's features were not cached"
+    again = fidelity_metrics(a, b, extractor, **cache)
+    assert again["fd"] == pytest.approx(fresh["fd"], rel=1e-6)
+    inverted = fidelity_metrics(255 - a, b, extractor, **cache)["fd"]
+    assert fresh["fd"] < inverted
+
+
+def test_fidelity_refuses_tiny_sets(extractor):
+    with pytest.raises(ValueError, match="at least 4"):
+        fidelity_metrics(world_images(3, 0), world_images(8, 1), extractor)
+
+
+def test_r_precision_on_a_constructed_case():
+    eye = torch.eye(8)
+    groups = list(range(8))
+    # images equal to their own texts: the right prompt always wins
+    assert r_precision(eye, eye, eye, groups, groups, n_distractors=99) == (1.0, 7, 8)
+    # each image lies closer to the next caption than to its own prompt: never ranked first
+    images = eye + 2 * torch.roll(eye, -1, dims=1)
+    assert r_precision(images, eye, eye, groups, groups).value == 0.0
+    # a same-group caption is never a distractor, even when it is closer than the prompt
+    image = torch.tensor([[1.0, 0.0]])
+    true_text, pool = torch.tensor([[0.8, 0.6]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert r_precision(image, true_text, pool, ["red circle"], ["red circle", "blue star"]).value == 1.0
+    assert r_precision(image, true_text, pool, ["red circle"], ["green star", "blue star"]).value == 0.0
+    # a tie with a distractor is a miss
+    assert r_precision(image, image, image, ["a"], ["b"]).value == 0.0
+    with pytest.raises(ValueError, match="no distractor"):
+        r_precision(image, image, image, ["a"], ["a"])
+
+
+def test_clip_score_and_similarity_summary():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert clip_score(a, b) == pytest.approx(50.0)  # 100 and max(-100, 0)
+    s = similarity_summary(np.array([0.5, 0.9, 0.96, 0.99]), threshold=0.95)
+    assert s["fraction_above"] == 0.5 and s["max"] == pytest.approx(0.99) and s["images"] == 4
+
+
+def test_missing_or_unsafe_inception_weights_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights: no file at .*weights-inception"):
+        check_inception_weights(tmp_path / "nope.pth")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"fc.weight": torch.zeros(1), "extra": object()}, pickled)
+    with pytest.raises(ValueError, match="not a plain PyTorch state dict"):
+        check_inception_weights(pickled)
+
+
+def test_inception_fid_and_is_from_a_local_weights_file(tmp_path, monkeypatch):
+    """The Inception path end to end, with random weights in torch-fidelity's format (real ones are a download)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with monkeypatch.context() as patch:  # build the network without its download, then save its weights
+        patch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), weights)
+    images = world_images(8, seed=3)
+    result = inception_metrics(images, world_images(8, seed=4), weights)
+    assert np.isfinite(result["fid"]) and result["is"] >= 1.0 - 1e-6
+
+
+def test_report_builds_and_every_linked_image_exists(tiny_run):
+    from clipgen.pipeline import run_step
+
+    cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, images_per_prompt=1, nn_pairs=3))
+    result = run_step(cfg, "report")
+    out = tiny_run.run_path / "report" / result["id"]
+    page = (out / "index.html").read_text()
+    links = re.findall(r"src='([^']+)'", page)
+    assert len(links) >= 24 + 1 + 3, links  # a grid per prompt, the real images, the curves, the histogram
+    assert all((out / link).is_file() for link in links), [link for link in links if not (out / link).is_file()]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["rows"]) == {"samples", "real images", "VQGAN reconstructions", "random token grids"}
+    assert len(metrics["prompts"]) == 24 and metrics["images_per_set"] == 24
+    assert metrics["scoring_clip_independent"] is False and "flattering" in metrics["scoring_clip"]
+    assert "not Inception FID" in metrics["feature_space"]
+    for row in metrics["rows"].values():
+        assert all(np.isfinite(row[k]) for k in ("fd", "kid", "precision", "recall", "clip_score", "r_precision"))
+    assert metrics["judge"]["real images"]["both"] >= 0 and metrics["memorisation"]["samples"]["images"] == 24
+    assert metrics["ids"]["gpt"] and metrics["tokenizer"]["reconstruction_fd"] >= 0
+    assert run_step(cfg, "report")["skipped"]  # a second run is cached
+
+
+def test_report_with_missing_inception_weights_fails_before_any_work(tiny_run, tmp_path):
+    from clipgen.pipeline import run_step
+
+    cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, inception_weights=str(tmp_path / "x.pth")))
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
+        run_step(cfg, "report")
