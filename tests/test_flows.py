@@ -47,3 +47,28 @@ def test_bad_config_fails_before_any_work(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean 'n_layer'" in out.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "prefect").exists()
+
+
+def test_evaluate_cli_builds_the_report_and_publishes_prefect_artifacts(tiny_run, tmp_path):
+    """`clipgen evaluate --run RUN` runs only the evaluate flow; its table and link land in Prefect's database."""
+    import dataclasses
+
+    from clipgen.pipeline import plan, save_run_config
+
+    cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, images_per_prompt=1))
+    save_run_config(cfg)
+    before = {name: art.is_complete() for name, art in plan(cfg).items()}
+    out = clipgen(tmp_path, "evaluate", "--run", str(cfg.run_path))
+    assert "evaluate       report     built" in out and "r_precision" in out
+    assert (cfg.run_path / "report/latest/index.html").is_file()
+    after = {name: art.is_complete() for name, art in plan(cfg).items()}
+    assert {k for k in after if after[k] != before[k]} == {"report"}  # nothing else was built
+
+    script = ("import asyncio\nfrom prefect.client.orchestration import get_client\n"
+              "async def main():\n    async with get_client() as c:\n"
+              "        for a in await c.read_artifacts(): print(a.key, a.type)\nasyncio.run(main())\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
+    listed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "clipgen-metrics table" in listed.stdout and "clipgen-report markdown" in listed.stdout, listed.stderr[-2000:]
+    again = clipgen(tmp_path, "evaluate", "--run", str(cfg.run_path))
+    assert "evaluate       report     cached" in again
