@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/runs/.prefect
 # pip prints one warning per package for the machine's empty local index folders; hide only those lines.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test test-slow test-all lint clean
+.PHONY: install demo serve stop test test-slow test-all lint clean
 
 install: $(STAMP)
 
@@ -33,6 +33,14 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(BIN)/clipgen run $(PIPELINE)
+
+# A real Prefect server on 127.0.0.1:4200 with a process work pool, every deployment of prefect.yaml and a
+# worker; `make stop` ends exactly those processes (PIDs in runs/.serve). See scripts/serve.sh.
+serve: install
+	BIN=$(BIN) scripts/serve.sh start
+
+stop:
+	BIN=$(BIN) scripts/serve.sh stop
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a silent pass.
 PYTEST = $(BIN)/python -m pytest -q $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }

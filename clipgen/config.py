@@ -149,6 +149,7 @@ class TrainConfig:
 
     devices: int = runtime_only(1)
     nodes: int = runtime_only(1)
+    rdzv_endpoint: str | None = runtime_only(None)  # HOST:PORT of the first node's torchrun rendezvous (nodes > 1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     grad_accum: int = 1
     seed: int = 0

@@ -20,6 +20,7 @@ import yaml
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
 from clipgen.stages import embed, evaluate, generate, gpt, ingest, tokenizer
+from clipgen.train.launch import launch_step, wants_torchrun
 
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
 STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed", "train-vqgan", "tokenize", "train-gpt", "generate",
@@ -44,6 +45,7 @@ class Step:
     config: Callable[[PipelineConfig], dict[str, Any]]  # the output-affecting config
     build: Callable[[PipelineConfig, dict[str, Artifact], Path, MapFn], dict[str, Any]]
     applies: Callable[[PipelineConfig], bool] = lambda cfg: True
+    distributed: bool = False  # trains with DDP: train.devices/nodes > 1 launch it under torchrun
 
 
 STEPS: tuple[Step, ...] = (
@@ -54,13 +56,14 @@ STEPS: tuple[Step, ...] = (
          applies=lambda cfg: cfg.clip.model == "toy-clip"),
     Step("embeddings", "embed", "cache/clip", ("shards", "toyclip"), "1", embed.embed_config,
          embed.build_embeddings),
-    Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "1", tokenizer.vqgan_config, tokenizer.build_vqgan),
+    Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "1", tokenizer.vqgan_config, tokenizer.build_vqgan,
+         distributed=True),
     Step("tokens", "tokenize", "cache/tokens", ("shards", "vqgan"), "1", tokenizer.tokens_config,
          tokenizer.build_tokens),
     # the VQGAN and CLIP are inputs for loading only (the consistency loss, the sample check): the caches'
     # ids already cover them
     Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "1", gpt.gpt_config,
-         gpt.build_gpt),
+         gpt.build_gpt, distributed=True),
     Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "1",
          generate.generate_config, generate.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
@@ -110,7 +113,10 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
                 f"step {name!r} needs the {n!r} artifact {art.path}, which is not built; "
                 f"run the {STEPS_BY_NAME[n].stage!r} stage first (or run without --stages)")
     artifact = artifacts[name]
-    summary = run_cached(artifact, lambda out: step.build(cfg, inputs, out, map_fn), stage=name)
+    if step.distributed and wants_torchrun(cfg):
+        summary = run_cached(artifact, lambda out: launch_step(cfg, name, out), stage=name)
+    else:
+        summary = run_cached(artifact, lambda out: step.build(cfg, inputs, out, map_fn), stage=name)
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
 
 

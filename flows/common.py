@@ -29,12 +29,22 @@ def prefect_map(fn, items) -> list:
 
 
 def with_task_runner(stage_flow, cfg: PipelineConfig):
-    """The stage flow with the configured task runner for its shard-parallel parts."""
-    if cfg.orchestration.task_runner == "threads":
+    """The stage flow with the configured task runner for its shard-parallel parts: threads, or Dask
+    (``orchestration.dask_address``, or a local cluster of ``max_workers`` single-threaded processes)."""
+    o = cfg.orchestration
+    if o.task_runner == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_workers))
-    raise NotImplementedError("orchestration.task_runner: dask arrives with the orchestration work; use threads")
+        return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=o.max_workers))
+    import dask
+    from prefect_dask import DaskTaskRunner
+
+    # non-daemonic workers may start DataLoader worker processes of their own
+    dask.config.set({"distributed.worker.daemon": False})
+    if o.dask_address:
+        return stage_flow.with_options(task_runner=DaskTaskRunner(address=o.dask_address))
+    cluster = {"n_workers": o.max_workers, "threads_per_worker": 1, "dashboard_address": None}
+    return stage_flow.with_options(task_runner=DaskTaskRunner(cluster_kwargs=cluster))
 
 
 def run_stage(cfg: PipelineConfig, stage: str) -> dict[str, dict]:

@@ -21,6 +21,21 @@ import pytest
 from PIL import Image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clipgen(tmp_path: Path, *args: str, timeout: int = 600, logs: bool = False) -> str:
+    """Run the ``clipgen`` command line in a subprocess with its own Prefect home; return its stdout
+    (followed by its stderr, where the logs go, if ``logs``)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+    out = subprocess.run([sys.executable, "-m", "clipgen.cli", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout + (out.stderr if logs else "")
 
 
 @dataclass

@@ -4,23 +4,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+from conftest import ROOT, clipgen
 
 from clipgen.pipeline import STAGES
 from flows.pipeline import STAGE_FLOWS
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.world.n_captioned=40", "data.world.n_train=60", "data.world.n_heldout=30", "data.world.n_judge=256",
         "data.judge.steps=5", "data.judge.batch_size=32", "data.shard_size=25"]
-
-
-def clipgen(tmp_path, *args):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
-    out = subprocess.run([sys.executable, "-m", "clipgen.cli", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out.stdout
 
 
 def test_every_stage_has_a_flow():
