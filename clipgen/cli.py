@@ -65,9 +65,12 @@ def print_results(cfg: PipelineConfig, results: dict[str, dict]) -> None:
             print(f"  {stage:<14} {name:<10} {state:<7} {res['path']}")
     report = results.get("evaluate", {}).get("report")
     if report:
+        from clipgen.report import HEADLINE_LABELS
+
         print(f"\nreport: {Path(report['path']).resolve() / 'index.html'}")
-        for key, value in report["headline"].items():
-            print(f"  {key:<20} {'-' if value is None else f'{value:.4g}'}")
+        for key, label in HEADLINE_LABELS.items():
+            if (value := report["headline"].get(key)) is not None:
+                print(f"  {label:<42} {value:.4g}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

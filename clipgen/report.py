@@ -27,6 +27,19 @@ TABLE_COLUMNS = (("fd", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision 
                  ("clip_score", "CLIP score ↑"), ("r_precision", "R-precision ↑"), ("judge_both", "judge: both ↑"),
                  ("nn_similarity_median", "NN cos (median)"), ("memorised_fraction", "memorised"))
 
+# The report's headline numbers, in the order and with the words the end of a run prints them.
+HEADLINE_LABELS = {
+    "judge_seen": "judge accuracy, seen combinations",
+    "judge_held_out": "judge accuracy, held-out combinations",
+    "fd_samples": "FD of samples (run's CLIP space)",
+    "fd_floor_real": "FD of real train images (floor)",
+    "fd_ceiling_random": "FD of random token grids (ceiling)",
+    "clip_score": "CLIP score",
+    "r_precision": "CLIP R-precision",
+    "memorised_fraction": "samples above the memorisation threshold",
+    "memorised_fraction_real": "real held-out images above it (baseline)",
+}
+
 
 def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The metric table as one dict per row (samples and anchors), rounded for display."""
@@ -170,7 +183,7 @@ def render_html(m: dict[str, Any], figures: dict[str, Any], config_text: str) ->
     head = "".join(f"<th>{e(label)}</th>" for _, label in TABLE_COLUMNS)
     body = "".join(f"<tr><th>{e(name)}</th>" + "".join(f"<td>{_fmt(row.get(k))}</td>" for k, _ in TABLE_COLUMNS) + "</tr>"
                    for name, row in m["rows"].items())
-    headline = "".join(f"<li><b>{e(k)}</b>: {_fmt(v)}</li>" for k, v in m["headline"].items())
+    headline = "".join(f"<li>{e(HEADLINE_LABELS.get(k, k))}: <b>{_fmt(v)}</b></li>" for k, v in m["headline"].items())
     grids = "".join(f"<figure><img src='{name}' alt='{e(p)}'><figcaption>{e(p)}"
                     + (f" — judge {acc:.0%}" if acc is not None else "") + "</figcaption></figure>"
                     for p, name, acc in figures["prompts"])

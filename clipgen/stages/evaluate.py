@@ -26,6 +26,7 @@ import torch
 
 from clipgen.artifacts import Artifact
 from clipgen.config import ConfigError, PipelineConfig, to_dict
+from clipgen.report import HEADLINE_LABELS
 from clipgen.stages.embed import read_labeled_split
 
 MAX_CAPTION_PROMPTS = 64  # evaluation prompts taken from held-out captions when none are configured
@@ -220,10 +221,11 @@ def tokenizer_summary(vqgan: Artifact, reconstruction_fd: float) -> dict[str, An
 
 def headline(m: dict[str, Any]) -> dict[str, Any]:
     rows, judge = m["rows"], m["judge"]
-    out = {"fd_samples": rows["samples"]["fd"], "fd_floor_real": rows["real images"]["fd"],
-           "fd_ceiling_random": rows["random token grids"]["fd"], "clip_score": rows["samples"]["clip_score"],
-           "r_precision": rows["samples"]["r_precision"],
-           "memorised_fraction": rows["samples"]["memorised_fraction"]}
+    values = {"fd_samples": rows["samples"]["fd"], "fd_floor_real": rows["real images"]["fd"],
+              "fd_ceiling_random": rows["random token grids"]["fd"], "clip_score": rows["samples"]["clip_score"],
+              "r_precision": rows["samples"]["r_precision"],
+              "memorised_fraction": rows["samples"]["memorised_fraction"],
+              "memorised_fraction_real": rows["real images"]["memorised_fraction"]}
     if judge:
-        out |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": judge["samples"]["held_out"]}
-    return out
+        values |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": judge["samples"]["held_out"]}
+    return {k: values[k] for k in HEADLINE_LABELS if k in values}
