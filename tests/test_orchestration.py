@@ -122,3 +122,18 @@ def test_pipelines_differing_only_in_transformer_settings_share_the_caches(tiny_
         assert other[name].path == base[name].path, name
     for name in ("gpt", "samples", "report"):
         assert other[name].path != base[name].path, name
+
+
+def test_prefect_yaml_declares_full_shapes_and_one_deployment_per_stage():
+    import yaml
+
+    from clipgen.pipeline import STAGES
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"full", "shapes", *STAGES}
+    assert all(d["entrypoint"] == "flows/pipeline.py:clip_gen" for d in deployments.values())
+    assert {"pipeline", "overrides"} <= set(deployments["full"]["parameters"])
+    assert all(deployments[s]["parameters"]["stages"] == s for s in STAGES)
+    text = (ROOT / "prefect.yaml").read_text().lower()
+    assert not any(word in text for word in ("password", "secret:", "token:", "api_key"))
