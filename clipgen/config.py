@@ -176,6 +176,7 @@ class SampleConfig:
 class EvalConfig:
     prompts: list[str] = field(default_factory=list)  # empty: every colour-shape pair (world) or held-out captions
     images_per_prompt: int = 16
+    max_reference_images: int = 10000  # held-out real images the samples are compared with (the first ones)
     inception_weights: str | None = None  # local Inception weights: adds standard FID/IS
     scoring_clip: str | None = None  # a second, independent open_clip model for CLIP score and R-precision
     scoring_clip_pretrained: str | None = None

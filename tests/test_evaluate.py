@@ -140,3 +140,18 @@ def test_report_with_missing_inception_weights_fails_before_any_work(tiny_run, t
     cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, inception_weights=str(tmp_path / "x.pth")))
     with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
         run_step(cfg, "report")
+
+
+def test_uncaptioned_real_images_get_no_text_scores_and_prompts_become_the_distractors():
+    from clipgen.clip import load_clip
+    from clipgen.stages.evaluate import ImageSet, distractor_pool, text_alignment
+
+    prompts = ["a photo of a dog", "a photo of a cat", "a red car"]
+    pool = distractor_pool([{"source": "a.jpg"}, {"source": "b.jpg"}], prompts)
+    assert pool == prompts
+    assert distractor_pool([{"caption": "x"}, {"caption": ""}], prompts) == ["x"]
+    images = world_images(3, seed=5)
+    sets = [ImageSet("samples", images, prompts, prompts), ImageSet("real images", images, ["", "", ""], ["", "", ""])]
+    scores = text_alignment(load_clip("toy-clip", None), sets, pool, pool, distractors=99, seed=0)
+    assert scores["real images"]["clip_score"] is None and scores["real images"]["r_precision"] is None
+    assert 0 <= scores["samples"]["clip_score"] <= 100 and scores["samples"]["distractors"] == 2

@@ -40,7 +40,8 @@ class ImageSet(NamedTuple):
 
 
 def evaluate_config(cfg: PipelineConfig) -> dict[str, Any]:
-    sample = {k: v for k, v in to_dict(cfg.sample).items() if k != "prompts"}  # eval has its own prompts
+    # the evaluation draws its own prompts, eval.images_per_prompt of each
+    sample = {k: v for k, v in to_dict(cfg.sample).items() if k not in ("prompts", "n_per_prompt")}
     return {"eval": to_dict(cfg.eval), "sample": sample}
 
 
@@ -71,10 +72,16 @@ def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
 
 
 def real_texts(cfg: PipelineConfig, meta: list[dict]) -> list[str]:
-    """What each real image shows, phrased like the world's evaluation prompts (else its caption)."""
+    """What each real image shows, phrased like the world's evaluation prompts (else its caption, or "")."""
     if cfg.data.source == "world":
         return [f"a {m['colour']} {m['shape']}" for m in meta]
     return [m.get("caption") or "" for m in meta]
+
+
+def distractor_pool(held_meta: list[dict], prompts: list[str]) -> list[str]:
+    """R-precision's wrong answers: held-out captions (the standard pool), else the other prompts."""
+    captions = [m["caption"] for m in held_meta if m.get("caption")]
+    return captions or prompts
 
 
 def anchor_sets(cfg: PipelineConfig, gen, held, prompts: list[str], n: int) -> list[ImageSet]:
@@ -112,12 +119,16 @@ def scoring_clip(cfg: PipelineConfig, run_clip) -> tuple[Any, str, bool]:
 
 def text_alignment(clip, sets: list[ImageSet], pool_texts: list[str], pool_groups: list[Any], distractors: int,
                    seed: int) -> dict[str, dict[str, Any]]:
-    """CLIP score and R-precision of every set, scored by ``clip``."""
+    """CLIP score and R-precision of every set, scored by ``clip``; None for a set without texts (real
+    images of an uncaptioned folder)."""
     from clipgen.metrics import clip_score, r_precision
 
     pool = clip.encode_texts(pool_texts).cpu()
     out = {}
     for s in sets:
+        if not all(s.texts):
+            out[s.name] = {"clip_score": None, "r_precision": None, "distractors": None}
+            continue
         images, texts = clip.encode_images(s.images).cpu(), clip.encode_texts(s.texts).cpu()
         rp = r_precision(images, texts, pool, s.groups, pool_groups, distractors, seed)
         out[s.name] = {"clip_score": clip_score(images, texts), "r_precision": rp.value, "distractors": rp.distractors}
@@ -161,7 +172,7 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
         check_inception_weights(e.inception_weights)  # fail before the expensive part
     gen = load_generator(cfg, inputs)
     shards, size = inputs["shards"].path, cfg.data.image_size
-    held = read_labeled_split(shards, "heldout", size)
+    held = read_labeled_split(shards, "heldout", size, limit=e.max_reference_images)
     prompts = eval_prompts(cfg, held.meta)
     result = generate(gen, prompts, dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt))
     n = len(result.images)
@@ -180,7 +191,7 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
                      for name, images in (("samples", samples.images), ("real images", train_real))}
 
     scorer, scorer_name, independent = scoring_clip(cfg, gen.clip)
-    pool_texts = real_texts(cfg, held.meta) if not world else [m["caption"] for m in held.meta]
+    pool_texts = distractor_pool(held.meta, prompts)
     alignment = text_alignment(scorer, sets, pool_texts, [text_group(t, world) for t in pool_texts],
                                e.r_precision_distractors, cfg.sample.seed)
     judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in sets} if gen.judge else None
