@@ -143,9 +143,11 @@ def write_report(out: Path, cfg, metrics: dict[str, Any], result, neighbours: di
     figures: dict[str, Any] = {"prompts": [], "curves": [], "pairs": []}
     per_prompt = metrics.get("per_prompt") or {}
     prompts = np.array(result.prompts, dtype=object)
+    held_out = [c.lower() for c in cfg.data.world.held_out_combos] if cfg.data.source == "world" else []
     for i, prompt in enumerate(dict.fromkeys(result.prompts)):
         name = save_grid(result.images[prompts == prompt], out / f"prompt_{i:03d}.png")
-        figures["prompts"].append((prompt, name, per_prompt.get(prompt)))
+        label = f"{prompt} (held-out combination)" if any(c in prompt.lower() for c in held_out) else prompt
+        figures["prompts"].append((label, name, per_prompt.get(prompt)))
     n_anchor = min(16, len(held.images))
     figures["anchors"] = save_grid(held.images[:n_anchor], out / "real_heldout.png")
     for step, title in CURVE_STAGES.items():
