@@ -50,7 +50,7 @@ def test_evaluate_cli_builds_the_report_and_publishes_prefect_artifacts(tiny_run
     save_run_config(cfg)
     before = {name: art.is_complete() for name, art in plan(cfg).items()}
     out = clipgen(tmp_path, "evaluate", "--run", str(cfg.run_path))
-    assert "evaluate       report     built" in out and "r_precision" in out
+    assert "evaluate       report     built" in out and "CLIP R-precision" in out
     assert (cfg.run_path / "report/latest/index.html").is_file()
     after = {name: art.is_complete() for name, art in plan(cfg).items()}
     assert {k for k in after if after[k] != before[k]} == {"report"}  # nothing else was built
