@@ -55,6 +55,10 @@ def text_group(text: str, world: bool) -> Any:
     return (next((c for c in COLOUR_NAMES if c in words), None), next((s for s in SHAPES if s in words), None))
 
 
+def world_prompt(colour: str, shape: str) -> str:
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+
+
 def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
     from clipgen.generate import check_prompts
 
@@ -63,7 +67,7 @@ def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
     if cfg.data.source == "world":
         from clipgen.data.world import COLOUR_NAMES, SHAPES
 
-        return [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPES]
+        return [world_prompt(c, s) for c in COLOUR_NAMES for s in SHAPES]
     captions = list(dict.fromkeys(m["caption"] for m in held_meta if m.get("caption")))[:MAX_CAPTION_PROMPTS]
     if not captions:
         raise ConfigError("eval.prompts is empty and the held-out shards carry no captions to borrow; "
@@ -74,7 +78,7 @@ def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
 def real_texts(cfg: PipelineConfig, meta: list[dict]) -> list[str]:
     """What each real image shows, phrased like the world's evaluation prompts (else its caption, or "")."""
     if cfg.data.source == "world":
-        return [f"a {m['colour']} {m['shape']}" for m in meta]
+        return [world_prompt(m["colour"], m["shape"]) for m in meta]
     return [m.get("caption") or "" for m in meta]
 
 
