@@ -1,6 +1,7 @@
 """The embedding cache and the faiss index, with a deterministic stand-in encoder (fast, no CLIP)."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from clipgen.data.shards import Sample, write_shards
-from clipgen.embed import embed_shard, read_embeddings
+from clipgen.embed import embed_shard, embed_shards, read_embeddings
 from clipgen.index import build_index, load_index, save_index, search
 
 
@@ -98,6 +99,50 @@ def test_a_crash_mid_shard_leaves_no_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         embed_shard(Crashing(), shard, tmp_path / "out.parquet", batch_size=5, num_workers=0)
     assert not any(p.name.endswith(".parquet") or ".tmp" in p.name for p in tmp_path.iterdir())
+
+
+def test_one_loader_over_many_shards_matches_shard_by_shard(tmp_path):
+    shards = [make_shard(tmp_path, n=n, corrupt=corrupt, name=f"s{i}")[1]
+              for i, (n, corrupt) in enumerate([(20, {3}), (3, {0, 1, 2}), (7, ()), (13, {12})])]
+    enc = MeanColourEncoder()
+    jobs = [(shard, tmp_path / f"many{i}.parquet") for i, shard in enumerate(shards)]
+    results = list(embed_shards(enc, jobs, batch_size=4, num_workers=3))  # batches straddle no shard
+    assert [r.path for r in results] == [str(out) for _, out in jobs]
+    assert [r.count for r in results] == [19, 0, 7, 12]
+    assert [r.skipped_keys for r in results] == [["k003"], ["k000", "k001", "k002"], [], ["k012"]]
+    for i, (shard, out) in enumerate(jobs):
+        alone = embed_shard(enc, shard, tmp_path / f"one{i}.parquet", batch_size=5, num_workers=0)
+        a, b = read_embeddings([out]), read_embeddings([Path(alone.path)])
+        assert a.keys == b.keys == sorted(b.keys) and np.allclose(a.vectors, b.vectors, atol=1e-3)
+
+
+def test_decoding_into_a_batch_row_gives_the_same_pixels():
+    from clipgen.data.images_array import decode_rgb
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    batch = np.zeros((2, 8, 8, 3), np.uint8)
+    decode_rgb(buf.getvalue(), batch[1])
+    assert np.array_equal(batch[1], pixels) and np.array_equal(decode_rgb(buf.getvalue()), pixels)
+    assert not batch[0].any()
+    assert np.array_equal(decode_rgb(buf.getvalue(), np.zeros((4, 4, 3), np.uint8)), pixels)  # other size: new array
+
+
+def test_a_crash_in_a_later_shard_keeps_the_finished_ones(tmp_path):
+    shards = [make_shard(tmp_path, n=8, name=f"s{i}")[1] for i in range(3)]
+
+    class Crashing(MeanColourEncoder):
+        def encode_images(self, images, batch_size=256):
+            if self.calls == 3:  # the first batch of the second shard
+                raise KeyboardInterrupt("killed")
+            return super().encode_images(images, batch_size)
+
+    jobs = [(shard, tmp_path / "out" / f"{i}.parquet") for i, shard in enumerate(shards)]
+    with pytest.raises(KeyboardInterrupt):
+        list(embed_shards(Crashing(), jobs, batch_size=4, num_workers=0))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.parquet"]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivfpq"])

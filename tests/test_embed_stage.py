@@ -47,9 +47,9 @@ def test_rerun_skips_and_an_interrupted_embed_redoes_only_missing_shards(run, mo
     calls = []
 
     import clipgen.embed as embed_module
-    real = embed_module.embed_shard
-    monkeypatch.setattr(embed_module, "embed_shard", lambda clip, shard, out, *a, **k: calls.append(out.name)
-                        or real(clip, shard, out, *a, **k))
+    real = embed_module.embed_shards
+    monkeypatch.setattr(embed_module, "embed_shards", lambda clip, jobs, *a, **k: calls.extend(o.name for _, o in jobs)
+                        or real(clip, jobs, *a, **k))
     result = run_step(run, "embeddings")
     assert result["skipped"] is False and calls == [files[1].name]
     assert {p.name: p.read_bytes() for p in cache_files(art.path, "train")} == before
@@ -101,7 +101,7 @@ def test_shard_decoding_matches_clip_preprocessing_at_and_off_model_size(run):
     from clipgen.embed import ShardImages
 
     clip = load_clip("toy-clip", str(plan(run)["toyclip"].path))
-    images = ShardImages(plan(run)["shards"].path, clip.fit_image, clip.image_size, batch_size=4)
+    images = ShardImages([], clip.fit_image, clip.image_size, batch_size=4)  # only its decoding is used
     rng = np.random.default_rng(0)
     for size in (clip.image_size, 45):  # at model size (decode only) and off it (CLIP's resize and crop)
         pixels = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)

@@ -37,17 +37,20 @@ MAX_IN_MEMORY_BYTES = 4 << 30  # splits whose decoded pixels exceed this are str
 SHUFFLE_BUFFER = 1000
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
+def decode_rgb(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     """Encoded image bytes -> uint8 ``[H, W, 3]``; raises on undecodable data.
 
     OpenCV decodes first: it gives PIL's exact pixels for PNG and JPEG (EXIF orientation ignored, as
     PIL does) at ~2x less cost on small images, which keeps 32 px data loading cheap next to the model.
-    PIL takes what OpenCV cannot read (GIF, for one) and converts it to RGB.
+    PIL takes what OpenCV cannot read (GIF, for one) and converts it to RGB. The result is contiguous:
+    stacking reversed-channel views copied ~2x slower than decoding a 224 px JPEG on a GPU host. An image of
+    ``out``'s shape is written into ``out`` (a batch row, say) and ``out`` returned, saving one more copy.
     """
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags) if data else None
-    if bgr is not None:
-        return bgr[:, :, ::-1]  # a view; callers stack or copy
+    if bgr is not None:  # the BGR -> RGB swap is a plain channel swap, vectorised
+        fits = out is not None and out.shape == bgr.shape
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=out) if fits else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 

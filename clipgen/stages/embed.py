@@ -2,8 +2,8 @@
 
 ``pretrain-clip`` (toy CLIP only) trains the bundled open_clip model contrastively on the *captioned*
 world split and records its zero-shot accuracy and modality gap. ``embed`` writes the CLIP image
-embedding of every train/heldout sample to per-shard Parquet, one shard per mapped task, and a faiss
-index over the train embeddings. Finished shard files are reused after an interruption.
+embedding of every train/heldout sample to per-shard Parquet, up to ``SHARDS_PER_TASK`` shards per
+mapped task, and a faiss index over the train embeddings. Finished shard files are reused after an interruption.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ PROBE_TEMPLATES = {
     "shape": ["a {}", "a picture of a {}", "an image of a {}"],
 }
 PROBE_IMAGES = 2000
+# Shards per embed task: DataLoader workers start once per task, which on a GPU costs more than embedding
+# one 2000-image shard; a task still stays small enough to retry or to spread over task-runner workers.
+SHARDS_PER_TASK = 16
 
 
 # ---------------------------------------------------------------------------------- pretrain-clip
@@ -129,19 +132,37 @@ def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"clip": clip_identity(cfg), "index": cfg.clip.index, "ivfpq_min_size": cfg.clip.ivfpq_min_size}
 
 
+class ShardGroup(NamedTuple):
+    """Consecutive shard jobs embedded through one DataLoader, so its workers start once for all of them."""
+
+    jobs: list[ShardJob]
+
+    @property
+    def label(self) -> str:  # the Prefect task-run name
+        first, last = self.jobs[0], self.jobs[-1]
+        return first.label if len(self.jobs) == 1 else f"{first.label} .. {last.out.parent.name}/{last.shard.name}"
+
+
+def group_jobs(jobs: list[ShardJob], per_group: int = SHARDS_PER_TASK) -> list[ShardGroup]:
+    return [ShardGroup(jobs[i:i + per_group]) for i in range(0, len(jobs), per_group)]
+
+
 def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.embed import cache_files, embed_shard, loader_workers, read_embeddings
+    from clipgen.embed import cache_files, embed_shards, loader_workers, read_embeddings
     from clipgen.index import build_index, save_index
 
     clip = run_clip(cfg, inputs)
     workers = loader_workers(cfg.data.workers, clip.device)
 
-    def embed(job: ShardJob) -> dict[str, Any]:
-        result = embed_shard(clip, job.shard, job.out, cfg.clip.batch_size, num_workers=workers)
-        write_json_atomic(job.out.with_suffix(".skipped.json"), result.skipped_keys)
-        return {"count": result.count, "skipped": len(result.skipped_keys)}
+    def embed(group: ShardGroup) -> dict[str, Any]:
+        count = skipped = 0
+        for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], cfg.clip.batch_size,
+                                   num_workers=workers):
+            write_json_atomic(Path(result.path).with_suffix(".skipped.json"), result.skipped_keys)
+            count, skipped = count + result.count, skipped + len(result.skipped_keys)
+        return {"count": count, "skipped": skipped}
 
-    map_fn(embed, pending_shard_jobs("embed", inputs["shards"].path, EMBED_SPLITS, out))
+    map_fn(embed, group_jobs(pending_shard_jobs("embed", inputs["shards"].path, EMBED_SPLITS, out)))
     train = read_embeddings(cache_files(out, "train"))
     save_index(build_index(train.vectors, cfg.clip.index, cfg.clip.ivfpq_min_size), train.keys, out)
     skipped = sum(len(json.loads(p.read_text())) for p in out.glob("*/*.skipped.json"))
