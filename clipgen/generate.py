@@ -196,3 +196,10 @@ def prompt_matches(prompt: str, shape: str, colour: str) -> bool:
     """Whether the judge's verdict is the shape and colour the prompt names."""
     words = set(prompt.lower().replace(",", " ").split())
     return shape in words and colour in words
+
+
+def judged_per_prompt(result: Generated) -> dict[str, float]:
+    """Per prompt, the fraction of its images whose judged shape and colour match it (needs the judge)."""
+    ok = np.array([prompt_matches(p, s, c) for p, s, c in zip(result.prompts, result.shapes, result.colours, strict=True)])
+    prompts = np.array(result.prompts, dtype=object)
+    return {p: float(ok[prompts == p].mean()) for p in dict.fromkeys(result.prompts)}

@@ -159,15 +159,27 @@ def nearest_train(gen, images: np.ndarray):
     return search(gen.index, gen.clip.encode_images(images).float().cpu().numpy(), 1)
 
 
+def fidelity_rows(cfg: PipelineConfig, clip, sets: list[ImageSet], train_real: np.ndarray, reference: np.ndarray,
+                  embeddings_id: str) -> tuple[dict[str, dict], dict[str, dict] | None]:
+    """FD/KID/PR of every set against the held-out ``reference`` in the run's CLIP space (the real-images row
+    measures train images: the floor), and Inception FID/IS of samples and real images when configured."""
+    from clipgen.metrics import fidelity_metrics, inception_metrics, register_clip_extractor
+
+    cuda = clip.device.type == "cuda"
+    extractor = register_clip_extractor(clip, f"clipgen-clip-{embeddings_id}")
+    cache = {"cache_root": cfg.run_path / "cache" / "fidelity", "reference_cache_name": f"heldout-{embeddings_id}"}
+    fidelity = {s.name: fidelity_metrics(train_real if s.name == "real images" else s.images, reference, extractor,
+                                         cuda=cuda, **cache) for s in sets}
+    inception = None
+    if cfg.eval.inception_weights:
+        inception = {name: inception_metrics(images, reference, cfg.eval.inception_weights, cuda=cuda, **cache)
+                     for name, images in (("samples", sets[0].images), ("real images", train_real))}
+    return fidelity, inception
+
+
 def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.generate import generate
-    from clipgen.metrics import (
-        check_inception_weights,
-        fidelity_metrics,
-        inception_metrics,
-        register_clip_extractor,
-        similarity_summary,
-    )
+    from clipgen.generate import generate, judged_per_prompt
+    from clipgen.metrics import check_inception_weights, similarity_summary
     from clipgen.report import write_report
     from clipgen.stages.generate import load_generator
 
@@ -184,15 +196,7 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
     sets = [samples, *anchor_sets(cfg, gen, held, prompts, n)]
     train_real = read_labeled_split(shards, "train", size, limit=n).images
 
-    cuda = gen.clip.device.type == "cuda"
-    extractor = register_clip_extractor(gen.clip, f"clipgen-clip-{inputs['embeddings'].id}")
-    cache = {"cache_root": cfg.run_path / "cache" / "fidelity", "reference_cache_name": f"heldout-{inputs['embeddings'].id}"}
-    fidelity = {s.name: fidelity_metrics(train_real if s.name == "real images" else s.images, held.images, extractor,
-                                         cuda=cuda, **cache) for s in sets}
-    inception = None
-    if e.inception_weights:
-        inception = {name: inception_metrics(images, held.images, e.inception_weights, cuda=cuda, **cache)
-                     for name, images in (("samples", samples.images), ("real images", train_real))}
+    fidelity, inception = fidelity_rows(cfg, gen.clip, sets, train_real, held.images, inputs["embeddings"].id)
 
     scorer, scorer_name, independent = scoring_clip(cfg, gen.clip)
     pool_texts = distractor_pool(held.meta, prompts)
@@ -212,20 +216,12 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
         "feature_space": f"{cfg.clip.model} image embeddings (the run's CLIP): FD here is not Inception FID",
         "scoring_clip": scorer_name, "scoring_clip_independent": independent,
         "rows": rows, "inception": inception, "judge": judge, "memorisation": memorisation,
-        "per_prompt": per_prompt_accuracy(result) if result.shapes is not None else None,
+        "per_prompt": judged_per_prompt(result) if result.shapes is not None else None,
         "tokenizer": tokenizer_summary(inputs["vqgan"], fidelity["VQGAN reconstructions"]["fd"]),
     }
     metrics["headline"] = headline(metrics)
     write_report(out, cfg, metrics, result, neighbours, held, shards, inputs)
     return {"headline": metrics["headline"], "report": str(out / "index.html")}
-
-
-def per_prompt_accuracy(result) -> dict[str, float]:
-    from clipgen.generate import prompt_matches
-
-    ok = np.array([prompt_matches(p, s, c) for p, s, c in zip(result.prompts, result.shapes, result.colours, strict=True)])
-    prompts = np.array(result.prompts, dtype=object)
-    return {p: float(ok[prompts == p].mean()) for p in dict.fromkeys(result.prompts)}
 
 
 def tokenizer_summary(vqgan: Artifact, reconstruction_fd: float) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = 
 
 def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: list[str]) -> dict[str, Any]:
     """Generate ``s.n_per_prompt`` images per prompt; judged accuracy per prompt, for seen and held-out."""
-    from clipgen.generate import generate, prompt_matches
+    from clipgen.generate import generate, judged_per_prompt, prompt_matches
 
     result = generate(gen, prompts, s)
     if result.shapes is None:
@@ -68,12 +68,11 @@ def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: l
     matches = np.array([bool(prompt_matches(p, sh, co))
                         for p, sh, co in zip(result.prompts, result.shapes, result.colours, strict=True)])
     held = {c.lower() for c in held_out_combos}
-    per_prompt = {p: float(matches[[q == p for q in result.prompts]].mean()) for p in dict.fromkeys(result.prompts)}
     is_held = np.array([any(c in p.lower() for c in held) for p in result.prompts])
     return {"accuracy": float(matches.mean()),
             "seen": float(matches[~is_held].mean()) if (~is_held).any() else None,
             "held_out": float(matches[is_held].mean()) if is_held.any() else None,
-            "clip_score": float(result.clip_scores.mean()), "per_prompt": per_prompt,
+            "clip_score": float(result.clip_scores.mean()), "per_prompt": judged_per_prompt(result),
             "images": len(matches), "result": result}
 
 
