@@ -32,8 +32,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key with a dotted path, e.g. --set gpt.n_layer=4 (repeatable)")
 
 
-def load_run_config(target: str, overrides: list[str]) -> PipelineConfig:
-    """A pipeline YAML, or a run folder holding the pipeline.yaml that ``clipgen run`` saved there."""
+def resolve_target(target: str, overrides: list[str]) -> tuple[Path, list[str]]:
+    """(pipeline file, overrides) for a pipeline YAML, or for a run folder holding the pipeline.yaml that
+    ``clipgen run`` saved there (its folder becomes ``run_dir``)."""
     path = Path(target)
     if not path.exists():
         raise ConfigError(f"{path} does not exist: pass a run folder such as runs/shapes (made by clipgen run) "
@@ -43,8 +44,12 @@ def load_run_config(target: str, overrides: list[str]) -> PipelineConfig:
         if not saved.is_file():
             raise ConfigError(f"{path} is not a run folder (no pipeline.yaml); pass a run folder "
                               f"such as runs/shapes or a pipeline file such as pipelines/shapes.yaml")
-        return load_config(saved, [*overrides, f"run_dir={path}"])
-    return load_config(path, overrides)
+        return saved, [*overrides, f"run_dir={path}"]
+    return path, list(overrides)
+
+
+def load_run_config(target: str, overrides: list[str]) -> PipelineConfig:
+    return load_config(*resolve_target(target, overrides))
 
 
 def run_flow(pipeline: str, overrides: list[str], stages: str | None) -> dict[str, dict]:
@@ -87,14 +92,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from clipgen.pipeline import plan
 
-    cfg = load_run_config(args.run, args.overrides)
-    pipeline, overrides = str(args.run), list(args.overrides)
-    if Path(args.run).is_dir():
-        pipeline, overrides = str(Path(args.run) / "pipeline.yaml"), [*overrides, f"run_dir={args.run}"]
+    pipeline, overrides = resolve_target(args.run, args.overrides)
+    cfg = load_config(pipeline, overrides)
     report = plan(cfg)["report"]
     if args.force and report.path.exists():
         shutil.rmtree(report.path)  # rebuilt below; every input artifact stays as it is
-    print_results(cfg, run_flow(pipeline, overrides, "evaluate"))
+    print_results(cfg, run_flow(str(pipeline), overrides, "evaluate"))
     return 0
 
 

@@ -113,10 +113,11 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
                 f"step {name!r} needs the {n!r} artifact {art.path}, which is not built; "
                 f"run the {STEPS_BY_NAME[n].stage!r} stage first (or run without --stages)")
     artifact = artifacts[name]
-    if step.distributed and wants_torchrun(cfg):
-        summary = run_cached(artifact, lambda out: launch_step(cfg, name, out), stage=name)
+    if step.distributed and wants_torchrun(cfg):  # every rank builds the step under torchrun
+        build = lambda out: launch_step(cfg, name, out)  # noqa: E731
     else:
-        summary = run_cached(artifact, lambda out: step.build(cfg, inputs, out, map_fn), stage=name)
+        build = lambda out: step.build(cfg, inputs, out, map_fn)  # noqa: E731
+    summary = run_cached(artifact, build, stage=name)
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
 
 

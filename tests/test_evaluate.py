@@ -152,6 +152,8 @@ def test_uncaptioned_real_images_get_no_text_scores_and_prompts_become_the_distr
     assert distractor_pool([{"caption": "x"}, {"caption": ""}], prompts) == ["x"]
     images = world_images(3, seed=5)
     sets = [ImageSet("samples", images, prompts, prompts), ImageSet("real images", images, ["", "", ""], ["", "", ""])]
-    scores = text_alignment(load_clip("toy-clip", None), sets, pool, pool, distractors=99, seed=0)
+    clip = load_clip("toy-clip", None)
+    embedded = {s.name: clip.encode_images(s.images).cpu() for s in sets}
+    scores = text_alignment(clip, sets, embedded, pool, pool, distractors=99, seed=0)
     assert scores["real images"]["clip_score"] is None and scores["real images"]["r_precision"] is None
     assert 0 <= scores["samples"]["clip_score"] <= 100 and scores["samples"]["distractors"] == 2

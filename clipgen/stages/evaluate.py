@@ -121,10 +121,10 @@ def scoring_clip(cfg: PipelineConfig, run_clip) -> tuple[Any, str, bool]:
     return run_clip, f"{cfg.clip.model}, the run's own CLIP (it also conditioned and re-ranked: flattering)", False
 
 
-def text_alignment(clip, sets: list[ImageSet], pool_texts: list[str], pool_groups: list[Any], distractors: int,
-                   seed: int) -> dict[str, dict[str, Any]]:
-    """CLIP score and R-precision of every set, scored by ``clip``; None for a set without texts (real
-    images of an uncaptioned folder)."""
+def text_alignment(clip, sets: list[ImageSet], image_emb: dict[str, torch.Tensor], pool_texts: list[str],
+                   pool_groups: list[Any], distractors: int, seed: int) -> dict[str, dict[str, Any]]:
+    """CLIP score and R-precision of every set, scored by ``clip`` (``image_emb``: each set's images embedded
+    by it); None for a set without texts (real images of an uncaptioned folder)."""
     from clipgen.metrics import clip_score, r_precision
 
     pool = clip.encode_texts(pool_texts).cpu()
@@ -133,7 +133,7 @@ def text_alignment(clip, sets: list[ImageSet], pool_texts: list[str], pool_group
         if not all(s.texts):
             out[s.name] = {"clip_score": None, "r_precision": None, "distractors": None}
             continue
-        images, texts = clip.encode_images(s.images).cpu(), clip.encode_texts(s.texts).cpu()
+        images, texts = image_emb[s.name], clip.encode_texts(s.texts).cpu()
         rp = r_precision(images, texts, pool, s.groups, pool_groups, distractors, seed)
         out[s.name] = {"clip_score": clip_score(images, texts), "r_precision": rp.value, "distractors": rp.distractors}
     return out
@@ -150,13 +150,6 @@ def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
     return {"shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()), "both": float(both.mean()),
             "seen": float(both[~is_held].mean()) if (~is_held).any() else None,
             "held_out": float(both[is_held].mean()) if is_held.any() else None, "images": len(both)}
-
-
-def nearest_train(gen, images: np.ndarray):
-    """Each image's most similar train image in the run's CLIP space (the embed stage's faiss index)."""
-    from clipgen.index import search
-
-    return search(gen.index, gen.clip.encode_images(images).float().cpu().numpy(), 1)
 
 
 def fidelity_rows(cfg: PipelineConfig, clip, sets: list[ImageSet], train_real: np.ndarray, reference: np.ndarray,
@@ -179,6 +172,7 @@ def fidelity_rows(cfg: PipelineConfig, clip, sets: list[ImageSet], train_real: n
 
 def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.generate import generate, judged_per_prompt
+    from clipgen.index import search
     from clipgen.metrics import check_inception_weights, similarity_summary
     from clipgen.report import write_report
     from clipgen.stages.generate import load_generator
@@ -198,13 +192,16 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
 
     fidelity, inception = fidelity_rows(cfg, gen.clip, sets, train_real, held.images, inputs["embeddings"].id)
 
+    # each set embedded once by the run's CLIP (memorisation, and text alignment unless another CLIP scores)
+    run_emb = {s.name: gen.clip.encode_images(s.images).float().cpu() for s in sets}
     scorer, scorer_name, independent = scoring_clip(cfg, gen.clip)
+    score_emb = {s.name: scorer.encode_images(s.images).float().cpu() for s in sets} if independent else run_emb
     pool_texts = distractor_pool(held.meta, prompts)
-    alignment = text_alignment(scorer, sets, pool_texts, [text_group(t, world) for t in pool_texts],
+    alignment = text_alignment(scorer, sets, score_emb, pool_texts, [text_group(t, world) for t in pool_texts],
                                e.r_precision_distractors, cfg.sample.seed)
     judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in sets} if gen.judge else None
 
-    neighbours = {s.name: nearest_train(gen, s.images) for s in sets}
+    neighbours = {name: search(gen.index, emb.numpy(), 1) for name, emb in run_emb.items()}  # nearest train image
     memorisation = {name: similarity_summary(nb.scores[:, 0], e.memorisation_threshold) for name, nb in neighbours.items()}
     rows = {s.name: {**fidelity[s.name], **alignment[s.name],
                      "judge_both": judge[s.name]["both"] if judge else None,
