@@ -49,7 +49,7 @@ class WorldConfig:
 class JudgeConfig:
     """The attribute classifier that scores generated shapes-world images (independent of CLIP)."""
 
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -150,7 +150,7 @@ class TrainConfig:
     devices: int = runtime_only(1)
     nodes: int = runtime_only(1)
     rdzv_endpoint: str | None = runtime_only(None)  # HOST:PORT of the first node's torchrun rendezvous (nodes > 1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA; on CPU see loop.autocast
     grad_accum: int = 1
     seed: int = 0
     log_every: int = runtime_only(50)

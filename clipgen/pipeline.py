@@ -62,7 +62,7 @@ STEPS: tuple[Step, ...] = (
          tokenizer.build_tokens),
     # the VQGAN and CLIP are inputs for loading only (the consistency loss, the sample check): the caches'
     # ids already cover them
-    Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "1", gpt.gpt_config,
+    Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "2", gpt.gpt_config,
          gpt.build_gpt, distributed=True),
     Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "1",
          generate.generate_config, generate.build_generate),

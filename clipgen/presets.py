@@ -11,8 +11,9 @@ from typing import Any
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpt": {
-        # shapes world: 64 tokens, ~2M parameters, trains on 2 CPU cores in minutes
-        "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 192, "n_prefix": 2},
+        # shapes world: 64 tokens, ~2M parameters, trains on 2 CPU cores in minutes. 1500 steps at lr 1.5e-3
+        # kept 95% image-conditioned accuracy (the same as 3000 steps at 6e-4) in half the time
+        "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 192, "n_prefix": 2, "steps": 1500, "lr": 1.5e-3},
         # the mid-size benchmark model: 8 layers, width 512, 256 tokens (16x16 grid)
         "mid": {"n_layer": 8, "n_head": 8, "n_embd": 512, "n_prefix": 4},
         "base": {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_prefix": 4},

@@ -103,3 +103,33 @@ def test_static_single_token_step_matches_decode(model):
         got = model.decode_static(tokens[:, i:i + 1], static)
         static.position.add_(1)
         assert torch.allclose(got, expected, atol=1e-5), i
+
+
+def test_written_out_attention_matches_the_fused_kernel():
+    from clipgen.models.gpt import written_out_causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 11, 8, generator=g, requires_grad=True) for _ in range(3))
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mine = written_out_causal_attention(q, k, v, dropout=0.0)
+    assert torch.allclose(mine, fused, atol=1e-6)
+    grads = torch.autograd.grad(mine.square().sum(), (q, k, v))
+    fused_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, fused_grads, strict=True))
+    changed = v.detach().clone()
+    changed[:, :, 5:] += 1.0  # later values never reach earlier outputs
+    assert torch.allclose(written_out_causal_attention(q, k, changed, 0.0)[:, :, :5], mine[:, :, :5])
+
+
+def test_cpu_bf16_forward_uses_the_written_out_attention_and_stays_close(model, monkeypatch):
+    import clipgen.models.gpt as gpt_module
+
+    cond, tokens = batch()
+    reference = model(cond, tokens)
+    calls = []
+    original = gpt_module.written_out_causal_attention
+    monkeypatch.setattr(gpt_module, "written_out_causal_attention", lambda *a: calls.append(1) or original(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(cond, tokens).float()
+    assert len(calls) == SHAPE.n_layer
+    assert (low.softmax(-1) - reference.softmax(-1)).abs().max() < 0.02

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from clipgen.config import GPTConfig, TrainConfig, VQGANConfig
 from clipgen.models.gpt import load_gpt
+from clipgen.train import loop
 from clipgen.train.gpt import Consistency, Pairs, consistency_loss, fit, join_by_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +102,25 @@ def test_consistency_loss_sends_gradients_to_the_logits():
     soft = vqgan.decode_soft(F.one_hot(idx, 40).float())
     side = vqgan.grid_size
     assert torch.allclose(soft, vqgan.decode_indices(idx.view(2, side, side)), atol=1e-5)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_picks_cpu_bf16_only_for_matmul_bound_models_on_amx(monkeypatch, amx):
+    monkeypatch.setattr(loop, "cpu_has_bf16_matmul", lambda: amx)
+    cpu = torch.device("cpu")
+
+    def dtype_under(precision, matmul_bound):
+        with loop.autocast(cpu, precision, matmul_bound=matmul_bound):
+            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+
+    assert dtype_under("auto", matmul_bound=True) == (torch.bfloat16 if amx else torch.float32)
+    assert dtype_under("auto", matmul_bound=False) == torch.float32  # convolutions stay fp32 on CPU
+    assert dtype_under("fp32", matmul_bound=True) == torch.float32
+    assert dtype_under("bf16", matmul_bound=False) == torch.bfloat16
+
+
+def test_held_out_scoring_is_spread_over_the_run_and_always_at_the_end():
+    due = [s for s in range(50, 3001, 50) if loop.evaluation_due(s, 3000, 50)]
+    assert due == list(range(300, 3001, 300))
+    assert [s for s in (50, 60) if loop.evaluation_due(s, 60, 50)] == [50, 60]
+    assert loop.evaluation_due(1234, 1234, 50)  # the last step, off the grid

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from clipgen.artifacts import atomic_path
 from clipgen.clip import TOY_CLIP, ClipModel, load_clip, save_clip
 from clipgen.config import ToyClipConfig
+from clipgen.train.loop import evaluation_due
 
 WARMUP_FRACTION = 0.05  # of cfg.steps, linear warmup before the cosine decay
 MIN_LR_FRACTION = 0.1  # the cosine ends at this fraction of cfg.lr
@@ -205,7 +206,7 @@ class _Run(NamedTuple):
         if done % self.log_every == 0 or done == self.cfg.steps:
             row = {"step": done, "loss": float(np.mean(window)), "lr": lr_at(done - 1, self.cfg),
                    "seconds": round(seconds, 2), "logit_scale": float(self.clip.net.logit_scale.detach().exp())}
-            if held is not None:
+            if held is not None and evaluation_due(done, self.cfg.steps, self.log_every):
                 row["eval_loss"] = evaluate_loss(self.clip, held)
             _append_metrics(self.out, row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")

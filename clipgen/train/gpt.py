@@ -12,7 +12,7 @@ is read. Each step:
   conditioning embedding is penalised. Rows whose condition was dropped are left out of it.
 
 AdamW (no decay on biases, norms, embeddings of position and null), linear warm-up then cosine, gradient
-clipping, bf16 autocast on CUDA, DDP under torchrun, exact resume (weights, optimiser, step, RNG, data
+clipping, bf16 autocast on CUDA and on CPUs with AMX, DDP under torchrun, exact resume (weights, optimiser, step, RNG, data
 position), a progress bar, validation loss on held-out keys and ``metrics.jsonl``. The output folder holds
 ``model.safetensors`` + ``config.json`` (:func:`clipgen.models.gpt.load_gpt`) and ``summary.json``.
 """
@@ -38,7 +38,7 @@ from clipgen.models.gpt import GPT, GPTShape, bridge, save_gpt
 from clipgen.train import loop
 
 CODE_VERSION = "1"
-VAL_MAX = 2048  # held-out pairs scored for the validation loss
+VAL_MAX = 1024  # held-out pairs scored for the validation loss
 
 
 class Pairs(NamedTuple):
@@ -170,7 +170,8 @@ def _fit(cfg, train, data: Pairs, out_dir: Path, vocab_size, heldout, consistenc
         bar.update(1)
         if step % train.log_every == 0 or step == cfg.steps:
             record = {"step": step, "lr": lr, "train_seconds": seconds, **rolling.means()}
-            if heldout is not None and len(heldout.keys) and info.is_main:
+            if heldout is not None and len(heldout.keys) and info.is_main and \
+                    loop.evaluation_due(step, cfg.steps, train.log_every):
                 record["val_loss"] = validation_loss(raw, heldout, info.device, train.precision)
             metrics.write(record)
             bar.set_postfix(loss=f"{record['ce']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
@@ -185,7 +186,7 @@ def _fit(cfg, train, data: Pairs, out_dir: Path, vocab_size, heldout, consistenc
 def _loss(model, raw: GPT, cond, tokens, cfg: GPTConfig, train: TrainConfig, info: loop.DistInfo,
           consistency: Consistency | None) -> tuple[torch.Tensor, dict[str, float]]:
     drop = torch.rand(len(cond), device=cond.device) < cfg.cond_dropout
-    with loop.autocast(info.device, train.precision):
+    with loop.autocast(info.device, train.precision, matmul_bound=True):
         logits = model(bridge(cond, cfg.bridge, cfg.noise_level), tokens, drop)
         ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
         loss, logs = ce, {"ce": ce.item()}
@@ -208,7 +209,7 @@ def validation_loss(model: GPT, pairs: Pairs, device: torch.device, precision: s
     for start in range(0, n, batch_size):
         cond = pairs.cond[start:min(n, start + batch_size)].to(device)
         tokens = pairs.tokens[start:min(n, start + batch_size)].to(device)
-        with loop.autocast(device, precision):
+        with loop.autocast(device, precision, matmul_bound=True):
             logits = model(cond, tokens)
         total += F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="sum").item()
         count += tokens.numel()
@@ -229,6 +230,8 @@ def _finish(raw: GPT, out_dir: Path, step: int, seconds: float, heldout: Pairs |
     raw.eval()
     summary: dict[str, Any] = {"step": step, "train_seconds": round(seconds, 1),
                                "parameters": sum(p.numel() for p in raw.parameters())}
+    if info.device.type == "cpu":  # bf16 results depend on it (summation order), so it is on record
+        summary["cpu_threads"] = torch.get_num_threads()
     if heldout is not None and len(heldout.keys):
         summary["val_loss"] = round(validation_loss(raw, heldout, info.device, precision), 4)
     if info.is_main:
