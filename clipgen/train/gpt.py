@@ -12,9 +12,9 @@ is read. Each step:
   conditioning embedding is penalised. Rows whose condition was dropped are left out of it.
 
 AdamW (no decay on biases, norms, embeddings of position and null), linear warm-up then cosine, gradient
-clipping, bf16 autocast on CUDA and on CPUs with AMX, DDP under torchrun, exact resume (weights, optimiser, step, RNG, data
-position), a progress bar, validation loss on held-out keys and ``metrics.jsonl``. The output folder holds
-``model.safetensors`` + ``config.json`` (:func:`clipgen.models.gpt.load_gpt`) and ``summary.json``.
+clipping, bf16 autocast on CUDA and on CPUs with AMX, DDP under torchrun, exact resume (weights, optimiser,
+step, RNG, data position), a progress bar, validation loss on held-out keys and ``metrics.jsonl``. The output
+folder holds ``model.safetensors`` + ``config.json`` (:func:`clipgen.models.gpt.load_gpt`) and ``summary.json``.
 """
 
 from __future__ import annotations
