@@ -2,7 +2,7 @@
 
 For each model, in one run on the same images and batch size: (a) the embed stage's work for one task,
 :func:`clipgen.embed.embed_shards` over ``--n`` images in WebDataset shards of ``--shard-size`` (the
-pipeline's default), reading and decoding through one DataLoader (with the workers the stage would pick),
+pipeline's default), decoding on the threads the stage would pick (``clipgen.embed.decode_threads``),
 encoding and writing one Parquet file per shard, and (b) ``ClipModel.encode_images`` on tensors that are
 already decoded, preprocessed and on the model's device (no data loading, no host-to-device copy).
 The ratio a/b says how well data loading is hidden (1.0 = fully). The toy CLIP reads shapes-world PNGs
@@ -11,7 +11,7 @@ interleaved, and the best run counts. Models are built at random init
 (pretrained=None), so this runs offline; speed does not depend on the weights' values.
 Prints one JSON line.
 
-    python benchmarks/embed.py [--n 5000] [--batch-size 128] [--workers N] [--device cuda] [--models toy-clip,ViT-B-32]
+    python benchmarks/embed.py [--n 5000] [--batch-size 128] [--threads N] [--device cuda] [--models toy-clip,ViT-B-32]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from clipgen.clip import load_clip
 from clipgen.config import DataConfig, WorldConfig
 from clipgen.data.shards import Sample, write_shards
 from clipgen.data.world import iter_world_split
-from clipgen.embed import embed_shards, loader_workers
+from clipgen.embed import decode_threads, embed_shards
 
 DISTINCT_JPEGS = 500  # encoding photos is slow; decoding cost does not depend on repeats among them
 
@@ -57,10 +57,10 @@ def make_shards(root: Path, n: int, size: int, fmt: str, shard_size: int) -> lis
     return [root / info.shard for info in write_shards(samples, root, "train", shard_size)]
 
 
-def bench_model(name: str, n: int, batch_size: int, shard_size: int, workers: int | None, repeats: int,
+def bench_model(name: str, n: int, batch_size: int, shard_size: int, threads: int | None, repeats: int,
                 device: str, tmp: Path) -> dict:
     clip = load_clip(name, None, device=device)
-    workers = loader_workers(DataConfig().workers, clip.device) if workers is None else workers
+    threads = decode_threads(clip.device, clip.image_size) if threads is None else threads
     fmt = "png" if clip.image_size <= 64 else "jpg"
     shards = make_shards(tmp / name, n, clip.image_size, fmt, shard_size)  # ingest already sized them
     jobs = [(shard, tmp / name / "cache" / f"{shard.stem}.parquet") for shard in shards]
@@ -76,14 +76,14 @@ def bench_model(name: str, n: int, batch_size: int, shard_size: int, workers: in
 
     def pipeline() -> float:
         start = time.perf_counter()
-        count = sum(r.count for r in embed_shards(clip, jobs, batch_size=batch_size, num_workers=workers))
+        count = sum(r.count for r in embed_shards(clip, jobs, batch_size=batch_size, threads=threads))
         return count / (time.perf_counter() - start)
 
     bare(), pipeline()  # warm-up (first-call allocations, cuDNN autotune, the Parquet writer's import)
     runs = [(bare(), pipeline()) for _ in range(repeats)]  # interleaved, so load drifts hit both sides
     best_bare, best_pipeline = max(r[0] for r in runs), max(r[1] for r in runs)
     return {"model": name, "image_size": clip.image_size, "format": fmt, "device": str(clip.device),
-            "workers": workers, "shards": len(shards), "pipeline_images_per_s": round(best_pipeline, 1),
+            "decode_threads": threads, "shards": len(shards), "pipeline_images_per_s": round(best_pipeline, 1),
             "bare_forward_images_per_s": round(best_bare, 1), "ratio": round(best_pipeline / best_bare, 3)}
 
 
@@ -92,14 +92,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=DataConfig().shard_size)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers; default: what the embed stage picks (clipgen.embed.loader_workers)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="decoding threads; default: what the embed stage picks (clipgen.embed.decode_threads)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side; the best counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="toy-clip,ViT-B-32")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench_model(m, args.n, args.batch_size, args.shard_size, args.workers, args.repeats, args.device,
+        rows = [bench_model(m, args.n, args.batch_size, args.shard_size, args.threads, args.repeats, args.device,
                             Path(tmp)) for m in args.models.split(",")]
     print(json.dumps({"benchmark": "embed", "n_images": args.n, "batch_size": args.batch_size,
                       "shard_size": args.shard_size,

@@ -56,7 +56,7 @@ def make_shard(tmp_path, n=20, corrupt=(), with_meta=True, name="s"):
 
 def test_embed_shard_writes_sorted_unit_float16_rows(tmp_path):
     _, shard = make_shard(tmp_path)
-    res = embed_shard(MeanColourEncoder(), shard, tmp_path / "out.parquet", batch_size=6, num_workers=2)
+    res = embed_shard(MeanColourEncoder(), shard, tmp_path / "out.parquet", batch_size=6, threads=2)
     assert res.count == 20 and res.skipped_keys == []
     table = pq.read_table(tmp_path / "out.parquet")
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[16]"
@@ -69,8 +69,8 @@ def test_corrupt_samples_are_skipped_without_shifting_rows(tmp_path):
     _, clean = make_shard(tmp_path, name="clean")
     _, dirty = make_shard(tmp_path, corrupt={3, 11}, name="dirty")
     enc = MeanColourEncoder()
-    embed_shard(enc, clean, tmp_path / "clean.parquet", batch_size=4, num_workers=0)
-    res = embed_shard(enc, dirty, tmp_path / "dirty.parquet", batch_size=4, num_workers=2)
+    embed_shard(enc, clean, tmp_path / "clean.parquet", batch_size=4, threads=0)
+    res = embed_shard(enc, dirty, tmp_path / "dirty.parquet", batch_size=4, threads=2)
     assert res.count == 18 and res.skipped_keys == ["k003", "k011"]
     a, b = read_embeddings([tmp_path / "clean.parquet"]), read_embeddings([tmp_path / "dirty.parquet"])
     by_key = dict(zip(a.keys, a.vectors, strict=True))
@@ -82,8 +82,8 @@ def test_embeddings_never_read_captions(tmp_path):
     _, with_meta = make_shard(tmp_path, name="meta")
     _, without = make_shard(tmp_path, with_meta=False, name="bare")
     enc = MeanColourEncoder()
-    embed_shard(enc, with_meta, tmp_path / "a.parquet", num_workers=0)
-    embed_shard(enc, without, tmp_path / "b.parquet", num_workers=0)
+    embed_shard(enc, with_meta, tmp_path / "a.parquet", threads=0)
+    embed_shard(enc, without, tmp_path / "b.parquet", threads=0)
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
 
 
@@ -97,21 +97,21 @@ def test_a_crash_mid_shard_leaves_no_file(tmp_path):
             return super().encode_images(images, batch_size)
 
     with pytest.raises(KeyboardInterrupt):
-        embed_shard(Crashing(), shard, tmp_path / "out.parquet", batch_size=5, num_workers=0)
+        embed_shard(Crashing(), shard, tmp_path / "out.parquet", batch_size=5, threads=0)
     assert not any(p.name.endswith(".parquet") or ".tmp" in p.name for p in tmp_path.iterdir())
 
 
-def test_one_loader_over_many_shards_matches_shard_by_shard(tmp_path):
+def test_many_shards_in_one_call_match_shard_by_shard(tmp_path):
     shards = [make_shard(tmp_path, n=n, corrupt=corrupt, name=f"s{i}")[1]
               for i, (n, corrupt) in enumerate([(20, {3}), (3, {0, 1, 2}), (7, ()), (13, {12})])]
     enc = MeanColourEncoder()
     jobs = [(shard, tmp_path / f"many{i}.parquet") for i, shard in enumerate(shards)]
-    results = list(embed_shards(enc, jobs, batch_size=4, num_workers=3))  # batches straddle no shard
+    results = list(embed_shards(enc, jobs, batch_size=4, threads=3))  # batches straddle no shard
     assert [r.path for r in results] == [str(out) for _, out in jobs]
     assert [r.count for r in results] == [19, 0, 7, 12]
     assert [r.skipped_keys for r in results] == [["k003"], ["k000", "k001", "k002"], [], ["k012"]]
     for i, (shard, out) in enumerate(jobs):
-        alone = embed_shard(enc, shard, tmp_path / f"one{i}.parquet", batch_size=5, num_workers=0)
+        alone = embed_shard(enc, shard, tmp_path / f"one{i}.parquet", batch_size=5, threads=0)
         a, b = read_embeddings([out]), read_embeddings([Path(alone.path)])
         assert a.keys == b.keys == sorted(b.keys) and np.allclose(a.vectors, b.vectors, atol=1e-3)
 
@@ -141,7 +141,7 @@ def test_a_crash_in_a_later_shard_keeps_the_finished_ones(tmp_path):
 
     jobs = [(shard, tmp_path / "out" / f"{i}.parquet") for i, shard in enumerate(shards)]
     with pytest.raises(KeyboardInterrupt):
-        list(embed_shards(Crashing(), jobs, batch_size=4, num_workers=0))
+        list(embed_shards(Crashing(), jobs, batch_size=4, threads=0))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.parquet"]
 
 

@@ -87,8 +87,8 @@ def test_language_free_embeddings_ignore_captions(run, tmp_path):
             for member in src:
                 if not member.name.endswith(".json"):
                     dst.addfile(member, src.extractfile(member))
-        a = embed_shard(clip, shard, tmp_path / "a.parquet", num_workers=0)
-        b = embed_shard(clip, bare, tmp_path / "b.parquet", num_workers=0)
+        a = embed_shard(clip, shard, tmp_path / "a.parquet", threads=0)
+        b = embed_shard(clip, bare, tmp_path / "b.parquet", threads=0)
         assert a.count == b.count == 16
         ea, eb = read_embeddings([tmp_path / "a.parquet"]), read_embeddings([tmp_path / "b.parquet"])
         assert ea.keys == eb.keys and np.array_equal(ea.vectors, eb.vectors)

@@ -30,8 +30,8 @@ PROBE_TEMPLATES = {
     "shape": ["a {}", "a picture of a {}", "an image of a {}"],
 }
 PROBE_IMAGES = 2000
-# Shards per embed task: DataLoader workers start once per task, which on a GPU costs more than embedding
-# one 2000-image shard; a task still stays small enough to retry or to spread over task-runner workers.
+# Shards per embed task: one pipeline (decoding threads, the model, a writer thread) runs through all of
+# them, so a task still stays small enough to retry or to spread over task-runner workers.
 SHARDS_PER_TASK = 16
 
 
@@ -133,7 +133,7 @@ def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 class ShardGroup(NamedTuple):
-    """Consecutive shard jobs embedded through one DataLoader, so its workers start once for all of them."""
+    """Consecutive shard jobs embedded by one :func:`clipgen.embed.embed_shards` call (one pipeline)."""
 
     jobs: list[ShardJob]
 
@@ -148,16 +148,14 @@ def group_jobs(jobs: list[ShardJob], per_group: int = SHARDS_PER_TASK) -> list[S
 
 
 def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.embed import cache_files, embed_shards, loader_workers, read_embeddings
+    from clipgen.embed import cache_files, embed_shards, read_embeddings
     from clipgen.index import build_index, save_index
 
     clip = run_clip(cfg, inputs)
-    workers = loader_workers(cfg.data.workers, clip.device)
 
     def embed(group: ShardGroup) -> dict[str, Any]:
         count = skipped = 0
-        for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], cfg.clip.batch_size,
-                                   num_workers=workers):
+        for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], cfg.clip.batch_size):
             write_json_atomic(Path(result.path).with_suffix(".skipped.json"), result.skipped_keys)
             count, skipped = count + result.count, skipped + len(result.skipped_keys)
         return {"count": count, "skipped": skipped}
