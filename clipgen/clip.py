@@ -65,6 +65,7 @@ class ClipModel:
         self.model_cfg = model_cfg
         self.weights_file = weights_file  # None: weights are not a file (random init)
         self._file_digest: str | None = None
+        self._mean_std_cache: dict = {}
         self.net.eval().requires_grad_(False)
 
     @property
@@ -104,10 +105,18 @@ class ClipModel:
         size = self.image_size
         if pixels.shape[-2:] != (size, size):
             pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        cfg = self.preprocess_cfg
-        mean = torch.tensor(cfg["mean"], device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(cfg["std"], device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+        mean, std = self._mean_std(pixels.device, pixels.dtype)
         return (pixels - mean) / std
+
+    def _mean_std(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preprocessing mean and std as ``[1, 3, 1, 1]``, made once per device and dtype: building them
+        on a GPU for every batch waited for all queued kernels, so the host could not run ahead of the device."""
+        key = (device, dtype)
+        if key not in self._mean_std_cache:
+            cfg = self.preprocess_cfg
+            self._mean_std_cache[key] = tuple(torch.tensor(cfg[k], dtype=dtype).view(1, 3, 1, 1).to(device)
+                                              for k in ("mean", "std"))
+        return self._mean_std_cache[key]
 
     def fit_image(self, img: Image.Image) -> np.ndarray:
         """The PIL half of ``preprocess`` (resize, crop, RGB) -> uint8 ``[S, S, 3]``.
