@@ -152,7 +152,8 @@ def autocast(device: torch.device, precision: str, matmul_bound: bool = False) -
 
     On CPU ``auto`` picks bf16 only for a ``matmul_bound`` model (the transformer) on a processor with AMX:
     the tiny shapes GPT trains ~2x faster there, while oneDNN's bf16 convolutions made the VQGAN slower
-    (``benchmarks/train_gpt.py``, ``benchmarks/train_vqgan.py``).
+    (``benchmarks/train_gpt.py``, ``benchmarks/train_vqgan.py``). Without AMX, bf16 was 0.69x of fp32 with
+    AVX512-BF16 and slower still below it (``benchmarks/results/train_gpt_cpu_isa_2026-11-27.json``).
     """
     cpu_bf16 = device.type == "cpu" and matmul_bound and cpu_has_bf16_matmul()
     use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_bf16))
