@@ -42,8 +42,9 @@ serve: install
 stop:
 	BIN=$(BIN) scripts/serve.sh stop
 
-# pytest exits 5 when it collected no tests: that is a failure here, never a silent pass.
-PYTEST = $(BIN)/python -m pytest -q $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
+# pytest exits 5 when it collected no tests: that is a failure here, never a silent pass. Tests that import
+# Prefect in-process need PREFECT_HOME to exist (Prefect only warns, then keeps its state elsewhere).
+PYTEST = mkdir -p "$(PREFECT_HOME)"; $(BIN)/python -m pytest -q $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
 
 test: install lint
 	$(call PYTEST,-m "not slow")
