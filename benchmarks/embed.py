@@ -2,27 +2,29 @@
 
 For each model, in one run on the same images and batch size: (a) the embed stage's work for one task,
 :func:`clipgen.embed.embed_shards` over ``--n`` images in WebDataset shards of ``--shard-size`` (the
-pipeline's default), decoding on the threads the stage would pick (``clipgen.embed.decode_threads``),
-encoding and writing one Parquet file per shard, and (b) ``ClipModel.encode_images`` on tensors that are
-already decoded, preprocessed and on the model's device (no data loading, no host-to-device copy).
-The ratio a/b says how well data loading is hidden (1.0 = fully). The toy CLIP reads shapes-world PNGs
-and ViT-B-32 photo-like JPEGs, the formats each meets in practice; each side runs ``--repeats`` times,
-interleaved, and the best run counts. Models are built at random init
-(pretrained=None), so this runs offline; speed does not depend on the weights' values.
-Prints one JSON line.
+pipeline's default), with each decoder of ``--decoders`` on the threads the stage would pick, encoding and
+writing one Parquet file per shard; (b) ``ClipModel.encode_images`` on tensors that are already decoded,
+preprocessed and on the model's device (no data loading, no host-to-device copy); and (c) per decoder, the
+data loading alone (:func:`clipgen.embed.device_batches`: decode and move to the device, no model).
+The ratio a/b says how well data loading is hidden (1.0 = fully); c says what bounds it. The toy CLIP reads
+shapes-world PNGs and ViT-B-32 JPEGs made as ingest makes them (quality 95, 4:4:4 chroma: ~2x the decoding
+cost of a camera's 4:2:0), the formats each meets in practice; each side runs ``--repeats`` times,
+interleaved, and the best run counts. Models are built at random init (pretrained=None), so this runs
+offline; speed does not depend on the weights' values. Prints one JSON line.
 
-    python benchmarks/embed.py [--n 5000] [--batch-size 128] [--threads N] [--device cuda] [--models toy-clip,ViT-B-32]
+    python benchmarks/embed.py [--n 5000] [--batch-size 128] [--threads N] [--device cuda]
+                               [--models toy-clip,ViT-B-32] [--decoders opencv,nvimgcodec]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,10 @@ from PIL import Image
 
 from clipgen.clip import load_clip
 from clipgen.config import DataConfig, WorldConfig
+from clipgen.data.images import encode_jpeg
 from clipgen.data.shards import Sample, write_shards
 from clipgen.data.world import iter_world_split
-from clipgen.embed import decode_threads, embed_shards
+from clipgen.embed import decode_threads, device_batches, embed_shards, nvimgcodec_threads
 
 DISTINCT_JPEGS = 500  # encoding photos is slow; decoding cost does not depend on repeats among them
 
@@ -50,41 +53,48 @@ def make_shards(root: Path, n: int, size: int, fmt: str, shard_size: int) -> lis
             # smooth gradients plus noise: JPEG-compressible like a photo, unlike pure noise
             base = np.linspace(0, 255, size)[None, :, None] * rng.random(3)
             pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-            photos.append(buf.getvalue())
+            photos.append(encode_jpeg(Image.fromarray(pixels)))
         samples = [Sample(f"img{i:06d}", photos[i % len(photos)], "jpg", {}) for i in range(n)]
     return [root / info.shard for info in write_shards(samples, root, "train", shard_size)]
 
 
 def bench_model(name: str, n: int, batch_size: int, shard_size: int, threads: int | None, repeats: int,
-                device: str, tmp: Path) -> dict:
+                device: str, decoders: list[str], tmp: Path) -> dict:
     clip = load_clip(name, None, device=device)
-    threads = decode_threads(clip.device, clip.image_size) if threads is None else threads
     fmt = "png" if clip.image_size <= 64 else "jpg"
     shards = make_shards(tmp / name, n, clip.image_size, fmt, shard_size)  # ingest already sized them
     jobs = [(shard, tmp / name / "cache" / f"{shard.stem}.parquet") for shard in shards]
     blank = clip.preprocess(Image.new("RGB", (clip.image_size,) * 2)).to(clip.device)
     pixels = blank.expand(n, *blank.shape).contiguous()  # built on the device: no host copy to time
 
-    def bare() -> float:
+    def timed(work) -> float:  # images per second
         start = time.perf_counter()
-        clip.encode_images(pixels, batch_size=batch_size)
+        count = work()
         if clip.device.type == "cuda":
             torch.cuda.synchronize()
-        return n / (time.perf_counter() - start)
-
-    def pipeline() -> float:
-        start = time.perf_counter()
-        count = sum(r.count for r in embed_shards(clip, jobs, batch_size=batch_size, threads=threads))
         return count / (time.perf_counter() - start)
 
-    bare(), pipeline()  # warm-up (first-call allocations, cuDNN autotune, the Parquet writer's import)
-    runs = [(bare(), pipeline()) for _ in range(repeats)]  # interleaved, so load drifts hit both sides
-    best_bare, best_pipeline = max(r[0] for r in runs), max(r[1] for r in runs)
+    def bare() -> int:
+        clip.encode_images(pixels, batch_size=batch_size)
+        return n
+
+    sides = {"bare": bare}
+    for decoder in decoders:
+        sides[decoder] = partial(lambda d: sum(r.count for r in embed_shards(clip, jobs, batch_size, threads, d)),
+                                 decoder)
+        sides[f"{decoder}_loading"] = partial(
+            lambda d: sum(len(b.keys) for b in device_batches(clip, shards, batch_size, threads, d)), decoder)
+    for work in sides.values():
+        timed(work)  # warm-up (first-call allocations, cuDNN autotune, the Parquet writer's import)
+    runs = [{side: timed(work) for side, work in sides.items()} for _ in range(repeats)]  # interleaved
+    best = {side: max(run[side] for run in runs) for side in sides}
+    default_threads = {"opencv": decode_threads(clip.device, clip.image_size),
+                       "nvimgcodec": nvimgcodec_threads(clip.device)}
     return {"model": name, "image_size": clip.image_size, "format": fmt, "device": str(clip.device),
-            "decode_threads": threads, "shards": len(shards), "pipeline_images_per_s": round(best_pipeline, 1),
-            "bare_forward_images_per_s": round(best_bare, 1), "ratio": round(best_pipeline / best_bare, 3)}
+            "shards": len(shards), "bare_forward_images_per_s": round(best["bare"], 1),
+            "decoders": {d: {"threads": threads if threads is not None else default_threads[d],
+                             "pipeline_images_per_s": round(best[d], 1), "ratio": round(best[d] / best["bare"], 3),
+                             "loading_only_images_per_s": round(best[f"{d}_loading"], 1)} for d in decoders}}
 
 
 def main() -> None:
@@ -93,14 +103,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=DataConfig().shard_size)
     parser.add_argument("--threads", type=int, default=None,
-                        help="decoding threads; default: what the embed stage picks (clipgen.embed.decode_threads)")
+                        help="decoding threads; default: what the embed stage picks for each decoder")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side; the best counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="toy-clip,ViT-B-32")
+    parser.add_argument("--decoders", default="opencv", help="comma-separated: opencv, nvimgcodec")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench_model(m, args.n, args.batch_size, args.shard_size, args.threads, args.repeats, args.device,
-                            Path(tmp)) for m in args.models.split(",")]
+                            args.decoders.split(","), Path(tmp)) for m in args.models.split(",")]
     print(json.dumps({"benchmark": "embed", "n_images": args.n, "batch_size": args.batch_size,
                       "shard_size": args.shard_size,
                       "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "models": rows}))

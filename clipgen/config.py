@@ -86,6 +86,8 @@ class ClipConfig:
     model: str = "toy-clip"  # an open_clip architecture name, or 'toy-clip' for the bundled one
     pretrained: str | None = None  # open_clip tag ('openai'), a local checkpoint path, or null
     batch_size: int = runtime_only(256)
+    # the embed stage's image decoder: OpenCV on Python threads, or nvImageCodec (JPEGs on the GPU; clipgen[gpu])
+    decoder: Literal["opencv", "nvimgcodec"] = "opencv"
     index: Literal["auto", "flat", "ivfpq"] = "auto"  # faiss index type; auto = flat below ivfpq_min_size
     ivfpq_min_size: int = 200_000
     toy: ToyClipConfig = field(default_factory=ToyClipConfig)

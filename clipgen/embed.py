@@ -8,7 +8,9 @@ read from the shards: captions and attributes never reach this stage (the langua
 The work is one pipeline in one process: a few threads decode the next batches (OpenCV releases the
 GIL) into pinned memory while the device runs the current one, and a writer thread writes each finished
 shard's file. DataLoader worker processes lost to it on an H100 host: ~3x slower on 512 images (starting
-them costs more than embedding them) and at best ~10% faster on 20,000 32 px images.
+them costs more than embedding them) and at best ~10% faster on 20,000 32 px images. With
+``decoder="nvimgcodec"`` one thread hands whole batches to nvImageCodec instead, which decodes JPEGs on the
+GPU (:mod:`clipgen.data.nvdecode`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from PIL import Image
 
 from clipgen.artifacts import atomic_path
 from clipgen.data.images_array import decode_rgb
+from clipgen.data.nvdecode import NvImageCodecDecoder
 from clipgen.data.shards import IMAGE_EXTS, image_bytes, iter_shard_readers, read_list_column
 
+DECODERS = ("opencv", "nvimgcodec")
 SLICE = 16  # images per decoding task: small enough that the first batch is ready early
 PREFETCH = 3  # batches decoded ahead of the one on the device
 
@@ -48,14 +52,19 @@ class ShardImages:
 
     :meth:`batches` decodes on a pool of threads, ``PREFETCH`` batches ahead of its caller. Images already at
     model size are only decoded; others take the CLIP's own resize and crop (``fit_image``). The float
-    conversion and normalisation happen on the model's device, once per batch.
+    conversion and normalisation happen on the model's device, once per batch. Given a ``batch_decoder``, one
+    thread passes it whole batches instead, and the pixels come back on its device.
     """
 
-    def __init__(self, shards: list[Path], fit_image, size: int, batch_size: int):
+    def __init__(self, shards: list[Path], fit_image, size: int, batch_size: int,
+                 batch_decoder: NvImageCodecDecoder | None = None):
         self.shards, self.fit_image, self.size, self.batch_size = [Path(s) for s in shards], fit_image, size, batch_size
+        self.batch_decoder = batch_decoder
 
     def batches(self, threads: int, pin: bool = False) -> Iterator[ImageBatch]:
-        """``threads=0`` decodes in the calling thread, one batch at a time (a CPU box whose cores run the model)."""
+        """``threads=0`` decodes in the calling thread, one batch at a time (a CPU box whose cores run the model).
+        With a batch decoder any other value means one thread: the decoder runs its own."""
+        threads = min(threads, 1) if self.batch_decoder else threads
         if threads == 0:
             for pending in self._submit(None, pin):
                 yield _finish(*pending)
@@ -76,29 +85,35 @@ class ShardImages:
                         future.cancel()
 
     def _submit(self, pool: ThreadPoolExecutor | None, pin: bool):
-        """Per batch: (shard index, samples, pixel buffer, one future per ``SLICE`` of it)."""
+        """Per batch: (shard index, samples, pixel buffer, one future per ``SLICE`` of it), or with a batch
+        decoder (shard index, samples, None, [one future of (pixels, decoded)])."""
+        submit = pool.submit if pool else _run_inline
         for index, shard in enumerate(self.shards):
             samples = iter_shard_readers(shard, exts=IMAGE_EXTS)  # reading a member is left to the decoder
             while chunk := list(itertools.islice(samples, self.batch_size)):
+                if self.batch_decoder:
+                    yield index, chunk, None, [submit(self._decode_batch, chunk)]
+                    continue
                 pixels = torch.empty(len(chunk), self.size, self.size, 3, dtype=torch.uint8, pin_memory=pin)
-                submit = pool.submit if pool else _run_inline
                 slices = [submit(self._decode_slice, chunk[start:start + SLICE], pixels[start:start + SLICE].numpy())
                           for start in range(0, len(chunk), SLICE)]
                 yield index, chunk, pixels, slices
+
+    def _decode_batch(self, chunk) -> tuple[torch.Tensor, list[bool]]:
+        return self.batch_decoder.decode([_image_bytes(readers) for _, readers in chunk], self.size, self.fit_image)
 
     def _decode_slice(self, chunk, rows: np.ndarray) -> list[bool]:
         """Decode each sample of ``chunk`` into its row; False where it could not be."""
         decoded = []
         for (_, readers), row in zip(chunk, rows, strict=True):
-            image = self._decode({ext: read() for ext, read in readers.items()}, row)
+            image = self._decode(_image_bytes(readers), row)
             if image is not None and image is not row:
                 row[...] = image
             decoded.append(image is not None)
         return decoded
 
-    def _decode(self, members: dict[str, bytes], out: np.ndarray | None = None) -> np.ndarray | None:
-        """The sample's image at model size (written into ``out`` when it can be), or None."""
-        data = image_bytes(members)
+    def _decode(self, data: bytes | None, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The image at model size (written into ``out`` when it can be), or None."""
         if data is None:
             return None
         try:
@@ -117,8 +132,15 @@ def _run_inline(fn, *args) -> Future:
     return future
 
 
-def _finish(index: int, chunk, pixels: torch.Tensor, slices: list[Future]) -> ImageBatch:
-    decoded = list(itertools.chain.from_iterable(f.result() for f in slices))
+def _image_bytes(readers: dict) -> bytes | None:
+    return image_bytes({ext: read() for ext, read in readers.items()})
+
+
+def _finish(index: int, chunk, pixels: torch.Tensor | None, slices: list[Future]) -> ImageBatch:
+    if pixels is None:  # a batch decoder's one future
+        pixels, decoded = slices[0].result()
+    else:
+        decoded = list(itertools.chain.from_iterable(f.result() for f in slices))
     keys = [key for (key, _), ok in zip(chunk, decoded, strict=True) if ok]
     bad = [key for (key, _), ok in zip(chunk, decoded, strict=True) if not ok]
     if bad:  # rare: close the gaps in place, so the batch stays in its (pinned) buffer
@@ -141,26 +163,34 @@ def decode_threads(device: torch.device, image_size: int) -> int:
     run torch's threads, a decoding thread would fight the forward pass for them (the toy CLIP embedded ~2x
     slower with 1 or 2 decoding processes than in-process on 2 cores), so decoding stays inline there.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if device.type == "cpu":
-        return max(cores - torch.get_num_threads(), 0)
-    return max(min(cores - 1, 2 if image_size <= 64 else 8), 1)
+        return max(_cores() - torch.get_num_threads(), 0)
+    return max(min(_cores() - 1, 2 if image_size <= 64 else 8), 1)
 
 
-def embed_shard(clip, shard: Path, out_path: Path, batch_size: int = 256,
-                threads: int | None = None) -> ShardEmbedding:
+def nvimgcodec_threads(device: torch.device) -> int:
+    """nvImageCodec's own CPU threads (they run without the GIL): all cores but the one feeding the GPU, or on a
+    CPU device those torch leaves free (at least one)."""
+    busy = 1 if device.type == "cuda" else torch.get_num_threads()
+    return max(_cores() - busy, 1)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def embed_shard(clip, shard: Path, out_path: Path, batch_size: int = 256, threads: int | None = None,
+                decoder: str = "opencv") -> ShardEmbedding:
     """Embed one shard into ``out_path`` (written atomically). Corrupt samples are listed, not fatal."""
-    return list(embed_shards(clip, [(shard, out_path)], batch_size, threads))[0]
+    return list(embed_shards(clip, [(shard, out_path)], batch_size, threads, decoder))[0]
 
 
-def embed_shards(clip, jobs: list[tuple[Path, Path]], batch_size: int = 256,
-                 threads: int | None = None) -> Iterator[ShardEmbedding]:
+def embed_shards(clip, jobs: list[tuple[Path, Path]], batch_size: int = 256, threads: int | None = None,
+                 decoder: str = "opencv") -> Iterator[ShardEmbedding]:
     """Embed each ``(shard, out_path)`` of ``jobs``, yielding each result once its file is written (atomically),
-    so an interruption keeps the finished shards. Corrupt samples are listed. ``threads``: decoding threads,
-    by default :func:`decode_threads`."""
-    threads = decode_threads(clip.device, clip.image_size) if threads is None else threads
-    images = ShardImages([shard for shard, _ in jobs], clip.fit_image, clip.image_size, batch_size)
-    batches = _on_device(images.batches(threads, pin=clip.device.type == "cuda"), clip.device)
+    so an interruption keeps the finished shards. Corrupt samples are listed. ``threads`` and ``decoder``: as
+    for :func:`device_batches`."""
+    batches = device_batches(clip, [shard for shard, _ in jobs], batch_size, threads, decoder)
     # on a GPU the writer thread writes shard k while the device embeds shard k + 1 (leaving this block waits
     # for it, so a crash still writes the shards that were complete and never a partial one); on a CPU the
     # write would fight the forward pass for the cores (both run torch's threads), so it runs inline
@@ -183,6 +213,26 @@ def embed_shards(clip, jobs: list[tuple[Path, Path]], batch_size: int = 256,
             yield written.popleft().result()
 
 
+def device_batches(clip, shards: list[Path], batch_size: int, threads: int | None = None,
+                   decoder: str = "opencv") -> Iterator[ImageBatch]:
+    """The shards' images as :class:`ImageBatch` es at ``clip``'s input size, on its device.
+
+    ``decoder``: ``opencv`` decodes on ``threads`` Python threads (by default :func:`decode_threads`);
+    ``nvimgcodec`` passes whole batches to :class:`~clipgen.data.nvdecode.NvImageCodecDecoder`, with ``threads``
+    its own CPU threads (by default :func:`nvimgcodec_threads`).
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown embed decoder {decoder!r}; choose from {list(DECODERS)}")
+    batch_decoder = None
+    if decoder == "nvimgcodec":
+        batch_decoder = NvImageCodecDecoder(clip.device, threads or nvimgcodec_threads(clip.device))
+        threads = 1 if clip.device.type == "cuda" else 0  # one thread feeds it; inline beside a CPU forward
+    elif threads is None:
+        threads = decode_threads(clip.device, clip.image_size)
+    images = ShardImages(shards, clip.fit_image, clip.image_size, batch_size, batch_decoder)
+    return _on_device(images.batches(threads, pin=clip.device.type == "cuda"), clip.device)
+
+
 def _on_device(batches: Iterator[ImageBatch], device: torch.device) -> Iterator[ImageBatch]:
     """``batches`` with their pixels on a GPU, each copied on a side stream while the one before it is embedded."""
     if device.type != "cuda":
@@ -191,8 +241,11 @@ def _on_device(batches: Iterator[ImageBatch], device: torch.device) -> Iterator[
     copies, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
     ahead = None
     for batch in batches:
-        with torch.cuda.stream(copies):
-            pixels = batch.pixels.to(device, non_blocking=True)  # from pinned memory: returns at once
+        if batch.pixels.is_cuda:  # a batch decoder's, complete when it came
+            pixels = batch.pixels
+        else:
+            with torch.cuda.stream(copies):
+                pixels = batch.pixels.to(device, non_blocking=True)  # from pinned memory: returns at once
         if ahead is not None:
             yield ahead
         compute.wait_stream(copies)

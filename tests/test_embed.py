@@ -168,3 +168,44 @@ def test_auto_index_switches_to_ivfpq_above_the_threshold():
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the embed stage"):
         load_index(tmp_path)
+
+
+def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_nvimgcodec_decoder_matches_opencv_sample_for_sample(tmp_path):
+    """nvImageCodec's CPU codecs on a CPU device: the same pixels, the same skipped samples, the same rows."""
+    pytest.importorskip("nvidia.nvimgcodec", reason="the dev extra installs nvidia-nvimgcodec-cu13")
+    rng = np.random.default_rng(1)
+    formats = ["PNG", "JPEG", "GIF", "WEBP"]  # GIF: nvImageCodec cannot read it, so decode_rgb takes it
+    samples = []
+    for i in range(22):
+        size = 8 if i % 3 else 13  # off model size: the CLIP's own fit_image
+        data = _encoded(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), formats[i % len(formats)])
+        data = {5: b"not an image", 9: data[:len(data) // 3], 16: b""}.get(i, data)  # corrupt, truncated, empty
+        samples.append(Sample(f"k{i:03d}", data, "jpg" if formats[i % 4] == "JPEG" else "png", {}))
+    write_shards(samples, tmp_path / "s", "train", shard_size=22)
+    shard = tmp_path / "s/train/00000.tar"
+    enc = MeanColourEncoder()
+    ref = embed_shard(enc, shard, tmp_path / "cv.parquet", batch_size=5, threads=2)
+    got = embed_shard(enc, shard, tmp_path / "nv.parquet", batch_size=5, threads=2, decoder="nvimgcodec")
+    assert ref.skipped_keys == got.skipped_keys == ["k005", "k009", "k016"] and got.count == ref.count == 19
+    assert pq.read_table(tmp_path / "cv.parquet").equals(pq.read_table(tmp_path / "nv.parquet"))
+
+
+def test_unknown_decoder_is_refused(tmp_path):
+    _, shard = make_shard(tmp_path, n=2)
+    with pytest.raises(ValueError, match="unknown embed decoder 'turbo'; choose from"):
+        embed_shard(MeanColourEncoder(), shard, tmp_path / "x.parquet", decoder="turbo")
+
+
+def test_missing_nvimgcodec_names_the_package(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import fails as if not installed
+    _, shard = make_shard(tmp_path, n=2)
+    with pytest.raises(ImportError, match="nvidia-nvimgcodec-cu13"):
+        embed_shard(MeanColourEncoder(), shard, tmp_path / "x.parquet", decoder="nvimgcodec")

@@ -129,7 +129,10 @@ def run_clip(cfg: PipelineConfig, artifacts: dict[str, Artifact], device: str | 
 
 
 def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"clip": clip_identity(cfg), "index": cfg.clip.index, "ivfpq_min_size": cfg.clip.ivfpq_min_size}
+    config = {"clip": clip_identity(cfg), "index": cfg.clip.index, "ivfpq_min_size": cfg.clip.ivfpq_min_size}
+    if cfg.clip.decoder != "opencv":  # a GPU's JPEG decoder may differ from libjpeg-turbo in the last bit
+        config["decoder"] = cfg.clip.decoder
+    return config
 
 
 class ShardGroup(NamedTuple):
@@ -155,7 +158,8 @@ def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path
 
     def embed(group: ShardGroup) -> dict[str, Any]:
         count = skipped = 0
-        for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], cfg.clip.batch_size):
+        for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], cfg.clip.batch_size,
+                                   decoder=cfg.clip.decoder):
             write_json_atomic(Path(result.path).with_suffix(".skipped.json"), result.skipped_keys)
             count, skipped = count + result.count, skipped + len(result.skipped_keys)
         return {"count": count, "skipped": skipped}
