@@ -64,13 +64,16 @@ class NvImageCodecDecoder:
         """``(pixels, decoded)``: row i holds ``datas[i]`` at ``size`` (refitted with ``fit_image`` when it is
         another size) where ``decoded[i]``; rows that could not be decoded are left as they are."""
         with torch.cuda.stream(self._stream):  # no-op for None (a CPU device)
+            images = [self._at_size(data, image, size, fit_image)
+                      for data, image in zip(datas, self._decode_all(datas), strict=True)]
             pixels = torch.empty(len(datas), size, size, 3, dtype=torch.uint8, device=self.device)
-            images = self._decode_all(datas)
-            decoded = [self._fill(pixels[i], data, image, size, fit_image)
-                       for i, (data, image) in enumerate(zip(datas, images, strict=True))]
+            self._copy_host_images(images, pixels)
+            for row, image in zip(pixels, images, strict=True):
+                if isinstance(image, torch.Tensor):
+                    row.copy_(image)  # device to device, behind the decoding on this stream
             if self._stream is not None:
                 self._stream.synchronize()  # the rows are complete, and the decoder's images may be freed
-        return pixels, decoded
+        return pixels, [image is not None for image in images]
 
     def _decode_all(self, datas: list[bytes | None]) -> list:
         """nvImageCodec's image for each of ``datas``, or None where it has none (:meth:`_fill` retries those)."""
@@ -87,32 +90,38 @@ class NvImageCodecDecoder:
                 images[i] = image
         return images
 
-    def _fill(self, row: torch.Tensor, data: bytes | None, image, size: int, fit_image) -> bool:
-        """Copy one decoded image into ``row``; images nvImageCodec could not read take ``decode_rgb``."""
+    def _at_size(self, data: bytes | None, image, size: int, fit_image) -> torch.Tensor | np.ndarray | None:
+        """One image at ``size``: on the device when the GPU decoded it, else a host array, or None. Images
+        nvImageCodec could not read take ``decode_rgb``."""
         if image is not None and tuple(image.shape) == (size, size, 3):
             if image.buffer_kind == self._host_kind:
-                _copy_host(row, np.asarray(image))
-            else:
-                row.copy_(torch.as_tensor(image, device=row.device))  # device to device, on the decoder's stream
-            return True
+                return np.asarray(image)
+            return torch.as_tensor(image, device=self.device)
         try:
             if image is not None:
                 pixels = np.asarray(image.cpu())
             elif data:
                 pixels = decode_rgb(data)
             else:
-                return False
-            if pixels.shape[:2] != (size, size):
-                pixels = fit_image(Image.fromarray(pixels))
-            _copy_host(row, pixels)
-            return True
+                return None
+            return pixels if pixels.shape[:2] == (size, size) else fit_image(Image.fromarray(pixels))
         except Exception:  # any undecodable sample is skipped and counted, never fatal
-            return False
+            return None
 
-
-def _copy_host(row: torch.Tensor, pixels: np.ndarray) -> None:
-    """Host pixels into a host or device row (nvImageCodec's host images are read-only arrays)."""
-    if row.is_cuda:
-        row.copy_(torch.from_numpy(np.require(pixels, requirements=["C", "W"])))
-    else:
-        row.numpy()[...] = pixels
+    def _copy_host_images(self, images: list, pixels: torch.Tensor) -> None:
+        """The host arrays among ``images`` into their rows of ``pixels``: through one pinned buffer and, when
+        every image is on the host (PNGs, say, which decode on CPU threads), one copy to the device."""
+        on_host = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
+        if not on_host:
+            return
+        staging = pixels if not pixels.is_cuda else torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        rows = staging.numpy()
+        for i in on_host:
+            rows[i] = images[i]
+        if staging is pixels:
+            return
+        if len(on_host) == len(images):
+            pixels.copy_(staging, non_blocking=True)
+        else:
+            for i in on_host:
+                pixels[i].copy_(staging[i], non_blocking=True)
