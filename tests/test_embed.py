@@ -209,3 +209,37 @@ def test_missing_nvimgcodec_names_the_package(monkeypatch, tmp_path):
     _, shard = make_shard(tmp_path, n=2)
     with pytest.raises(ImportError, match="nvidia-nvimgcodec-cu13"):
         embed_shard(MeanColourEncoder(), shard, tmp_path / "x.parquet", decoder="nvimgcodec")
+
+
+def test_nvimgcodec_sends_model_size_jpegs_to_the_gpu_decoder_and_the_rest_to_its_cpu_codecs():
+    """The routing and the batch assembly of the GPU path, on a CPU: a stand-in GPU decoder returns arrays,
+    which become tensors as a GPU decoder's images do. (The GPU decoder itself needs a GPU.)"""
+    pytest.importorskip("nvidia.nvimgcodec", reason="the dev extra installs nvidia-nvimgcodec-cu13")
+    from clipgen.data.images_array import decode_rgb
+    from clipgen.data.nvdecode import NvImageCodecDecoder
+
+    decoder = NvImageCodecDecoder(torch.device("cpu"), cpu_threads=1)
+    routed = []
+
+    class StandInGpuDecoder:
+        def decode(self, streams, params, cuda_stream):
+            routed.extend((s.codec_name, s.height, s.width) for s in streams)
+            return [np.asarray(image) for image in decoder._cpu_decoder.decode(streams, params=params)]
+
+    decoder._gpu_decoder = StandInGpuDecoder()
+    rng = np.random.default_rng(2)
+    image = lambda size: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
+    fit = lambda img: np.asarray(img.resize((8, 8)), dtype=np.uint8)  # noqa: E731
+    datas = [_encoded(image(8), "JPEG"), _encoded(image(8), "PNG"), _encoded(image(13), "JPEG"), b"junk",
+             _encoded(image(8), "GIF"), None, _encoded(image(8), "JPEG")]
+    pixels, decoded = decoder.decode(datas, 8, fit)
+    assert routed == [("jpeg", 8, 8), ("jpeg", 8, 8)]  # rows 0 and 6; the 13 px JPEG needs a resize on the host
+    assert decoded == [True, True, True, False, True, False, True]
+    for row, data, ok in zip(pixels.numpy(), datas, decoded, strict=True):
+        if ok:
+            want = decode_rgb(data)
+            assert np.array_equal(row, want if want.shape[0] == 8 else fit(Image.fromarray(want)))
+    routed.clear()
+    pixels, decoded = decoder.decode(datas[:1] + datas[6:], 8, fit)  # a batch all on the "GPU": one stack
+    assert len(routed) == 2 and decoded == [True, True]
+    assert np.array_equal(pixels[1].numpy(), decode_rgb(datas[6]))

@@ -2,19 +2,21 @@
 
 The embed stage's default decoder (OpenCV on a few Python threads) is bound by the host's CPU on a GPU box:
 a 16-core H100 host decodes 224 px JPEGs at ~20k img/s flat out, about what ViT-B-32 embeds, so data loading
-cannot hide behind the model. nvImageCodec takes a whole batch in one call that runs without the GIL: on a
-CUDA device it picks, per image, the GPU's hardware JPEG engines (A100, H100), nvJPEG's CUDA decoder, or a CPU
-codec on its own C++ threads (PNG, WebP, ...), and the pixels land in device memory. Anything it cannot read
-(GIF, say) falls back to :func:`clipgen.data.images_array.decode_rgb`, so both decoders skip the same samples.
+cannot hide behind the model. nvImageCodec takes a whole batch in one call that runs without the GIL. On a
+CUDA device, JPEGs already at model size (what ingest writes) go to its GPU decoder, which prefers the GPU's
+hardware JPEG engines (A100, H100) and falls back to nvJPEG's CUDA decoder; everything else (PNG, WebP, JPEGs
+that need a resize) goes to its CPU codecs on their own C++ threads and reaches the device in one copy per
+batch (its GPU decoder would copy each such image over on its own, with two waits per image). Anything it
+cannot read (GIF, say) falls back to :func:`clipgen.data.images_array.decode_rgb`, so both decoders skip the
+same samples.
 
-On a CPU device it runs only its CPU codecs (libjpeg-turbo and OpenCV, as ``decode_rgb``): the tests check
-there that both decoders give the same pixels, which pins down everything but the GPU codecs themselves.
+On a CPU device only the CPU codecs run (libjpeg-turbo and OpenCV, as in ``decode_rgb``): the tests check
+there that both decoders give the same pixels, which pins down everything but the GPU decoder itself.
 Needs the ``nvidia-nvimgcodec-cu13[all]`` wheels (``pip install clipgen[gpu]``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
@@ -46,82 +48,103 @@ class NvImageCodecDecoder:
 
     def __init__(self, device: torch.device, cpu_threads: int):
         nvimgcodec = _import_nvimgcodec()
-        self.device = device
-        self._host_kind = nvimgcodec.ImageBufferKind.STRIDED_HOST
         self._code_stream = nvimgcodec.CodeStream
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.SRGB,
                                                sample_format=nvimgcodec.I_RGB)  # as decode_rgb: no EXIF turn
-        if device.type == "cuda":
-            self._stream = torch.cuda.Stream(device)
-            self._decoder = nvimgcodec.Decoder(device_id=device.index or 0, max_num_cpu_threads=cpu_threads)
-        else:
-            self._stream = None
-            self._decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+        self._cpu_decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
                                                max_num_cpu_threads=cpu_threads,
                                                backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)])
+        self.device, self._stream, self._cuda_stream, self._gpu_decoder = device, None, 0, None
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)  # the stream and the decoder on the same GPU
+            self._stream = torch.cuda.Stream(self.device)
+            self._cuda_stream = self._stream.cuda_stream
+            self._gpu_decoder = nvimgcodec.Decoder(device_id=index, max_num_cpu_threads=cpu_threads)
 
     def decode(self, datas: list[bytes | None], size: int, fit_image) -> tuple[torch.Tensor, list[bool]]:
         """``(pixels, decoded)``: row i holds ``datas[i]`` at ``size`` (refitted with ``fit_image`` when it is
         another size) where ``decoded[i]``; rows that could not be decoded are left as they are."""
         with torch.cuda.stream(self._stream):  # no-op for None (a CPU device)
-            images = [self._at_size(data, image, size, fit_image)
-                      for data, image in zip(datas, self._decode_all(datas), strict=True)]
+            images = [_at_size(image, data, size, fit_image)
+                      for image, data in zip(self._decode_all(datas, size), datas, strict=True)]
             pixels = torch.empty(len(datas), size, size, 3, dtype=torch.uint8, device=self.device)
-            self._copy_host_images(images, pixels)
-            for row, image in zip(pixels, images, strict=True):
-                if isinstance(image, torch.Tensor):
-                    row.copy_(image)  # device to device, behind the decoding on this stream
+            _copy_host_images(images, pixels)
+            _copy_device_images(images, pixels)
             if self._stream is not None:
                 self._stream.synchronize()  # the rows are complete, and the decoder's images may be freed
         return pixels, [image is not None for image in images]
 
-    def _decode_all(self, datas: list[bytes | None]) -> list:
-        """nvImageCodec's image for each of ``datas``, or None where it has none (:meth:`_fill` retries those)."""
-        streams = {}
-        for i, data in enumerate(datas):
-            with contextlib.suppress(Exception):  # unreadable headers mostly surface as None from decode instead
-                streams[i] = self._code_stream(data) if data else None
-        present = [i for i, stream in streams.items() if stream is not None]
-        images = [None] * len(datas)
-        if present:
-            cuda_stream = self._stream.cuda_stream if self._stream is not None else 0
-            found = self._decoder.decode([streams[i] for i in present], params=self._params, cuda_stream=cuda_stream)
-            for i, image in zip(present, found, strict=True):
-                images[i] = image
+    def _decode_all(self, datas: list[bytes | None], size: int) -> list[torch.Tensor | np.ndarray | None]:
+        """Per sample: a device tensor (a JPEG at ``size``, decoded on the GPU), a host array of any size (what
+        the CPU codecs read), or None (nothing nvImageCodec can read; :func:`_at_size` retries those)."""
+        streams = [self._parsed(data) for data in datas]
+        on_gpu = [i for i, stream in enumerate(streams) if stream is not None and self._gpu_decoder is not None
+                  and stream.codec_name == "jpeg" and (stream.height, stream.width) == (size, size)]
+        taken = set(on_gpu)
+        on_cpu = [i for i, stream in enumerate(streams) if stream is not None and i not in taken]
+        images: list = [None] * len(datas)
+        for decoder, indices in ((self._gpu_decoder, on_gpu), (self._cpu_decoder, on_cpu)):
+            if not indices:
+                continue
+            cuda_stream = self._cuda_stream if decoder is self._gpu_decoder else 0
+            found = decoder.decode([streams[i] for i in indices], params=self._params, cuda_stream=cuda_stream)
+            for i, image in zip(indices, found, strict=True):
+                if image is not None:  # the tensor keeps the image, and so its memory, alive
+                    images[i] = torch.as_tensor(image, device=self.device) if decoder is self._gpu_decoder \
+                        else np.asarray(image)
         return images
 
-    def _at_size(self, data: bytes | None, image, size: int, fit_image) -> torch.Tensor | np.ndarray | None:
-        """One image at ``size``: on the device when the GPU decoded it, else a host array, or None. Images
-        nvImageCodec could not read take ``decode_rgb``."""
-        if image is not None and tuple(image.shape) == (size, size, 3):
-            if image.buffer_kind == self._host_kind:
-                return np.asarray(image)
-            return torch.as_tensor(image, device=self.device)
+    def _parsed(self, data: bytes | None):
+        """``data`` as a code stream whose header has been read, or None when there is none to read."""
+        if not data:
+            return None
         try:
-            if image is not None:
-                pixels = np.asarray(image.cpu())
-            elif data:
-                pixels = decode_rgb(data)
-            else:
-                return None
-            return pixels if pixels.shape[:2] == (size, size) else fit_image(Image.fromarray(pixels))
-        except Exception:  # any undecodable sample is skipped and counted, never fatal
+            stream = self._code_stream(data)
+            stream.codec_name  # noqa: B018 -- the header is parsed on first use; unreadable ones raise here
+            return stream
+        except Exception:
             return None
 
-    def _copy_host_images(self, images: list, pixels: torch.Tensor) -> None:
-        """The host arrays among ``images`` into their rows of ``pixels``: through one pinned buffer and, when
-        every image is on the host (PNGs, say, which decode on CPU threads), one copy to the device."""
-        on_host = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
-        if not on_host:
-            return
-        staging = pixels if not pixels.is_cuda else torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-        rows = staging.numpy()
+
+def _at_size(image: torch.Tensor | np.ndarray | None, data: bytes | None, size: int, fit_image):
+    """A decoded image at ``size`` (device tensors already are), or None when it cannot be decoded at all."""
+    if isinstance(image, torch.Tensor):
+        return image
+    try:
+        if image is None:
+            if not data:
+                return None
+            image = decode_rgb(data)
+        return image if image.shape[:2] == (size, size) else fit_image(Image.fromarray(image))
+    except Exception:  # any undecodable sample is skipped and counted, never fatal
+        return None
+
+
+def _copy_host_images(images: list, pixels: torch.Tensor) -> None:
+    """The host arrays among ``images`` into their rows of ``pixels``: on a GPU through one pinned buffer and,
+    when every image is on the host (a batch of PNGs, say), one copy."""
+    on_host = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
+    if not on_host:
+        return
+    staging = pixels if not pixels.is_cuda else torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    rows = staging.numpy()
+    for i in on_host:
+        rows[i] = images[i]
+    if staging is pixels:
+        return
+    if len(on_host) == len(images):
+        pixels.copy_(staging, non_blocking=True)  # the pinned buffer lives until this copy is done (torch tracks it)
+    else:
         for i in on_host:
-            rows[i] = images[i]
-        if staging is pixels:
-            return
-        if len(on_host) == len(images):
-            pixels.copy_(staging, non_blocking=True)
-        else:
-            for i in on_host:
-                pixels[i].copy_(staging[i], non_blocking=True)
+            pixels[i].copy_(staging[i], non_blocking=True)
+
+
+def _copy_device_images(images: list, pixels: torch.Tensor) -> None:
+    """The device tensors among ``images`` into their rows, on the current stream (the decoder's)."""
+    on_device = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
+    if on_device and len(on_device) == len(images):
+        torch.stack(images, out=pixels)  # one kernel for the batch
+    else:
+        for i in on_device:
+            pixels[i].copy_(images[i])
