@@ -13,7 +13,7 @@ interleaved, and the best run counts. Models are built at random init (pretraine
 offline; speed does not depend on the weights' values. Prints one JSON line.
 
     python benchmarks/embed.py [--n 5000] [--batch-size 128] [--threads N] [--device cuda]
-                               [--models toy-clip,ViT-B-32] [--decoders opencv,nvimgcodec]
+                               [--models toy-clip,ViT-B-32] [--decoders opencv,nvimgcodec] [--image-size 256]
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ def make_shards(root: Path, n: int, size: int, fmt: str, shard_size: int) -> lis
 
 
 def bench_model(name: str, n: int, batch_size: int, shard_size: int, threads: int | None, repeats: int,
-                device: str, decoders: list[str], tmp: Path) -> dict:
+                device: str, decoders: list[str], stored_size: int | None, tmp: Path) -> dict:
     clip = load_clip(name, None, device=device)
     fmt = "png" if clip.image_size <= 64 else "jpg"
-    shards = make_shards(tmp / name, n, clip.image_size, fmt, shard_size)  # ingest already sized them
+    stored_size = stored_size or clip.image_size  # ingest sizes images for the VQGAN, which may differ
+    shards = make_shards(tmp / name, n, stored_size, fmt, shard_size)
     jobs = [(shard, tmp / name / "cache" / f"{shard.stem}.parquet") for shard in shards]
     # what the pipeline hands encode_images, already decoded and on the device: uint8 [N, S, S, 3]. (Float
     # tensors in NCHW order, preprocessed on the host, ran the same model ~20% slower on a CPU: the uint8 path's
@@ -92,7 +93,8 @@ def bench_model(name: str, n: int, batch_size: int, shard_size: int, threads: in
     best = {side: max(run[side] for run in runs) for side in sides}
     default_threads = {"opencv": decode_threads(clip.device, clip.image_size),
                        "nvimgcodec": nvimgcodec_threads(clip.device)}
-    return {"model": name, "image_size": clip.image_size, "format": fmt, "device": str(clip.device),
+    return {"model": name, "image_size": clip.image_size, "stored_size": stored_size, "format": fmt,
+            "device": str(clip.device),
             "shards": len(shards), "bare_forward_images_per_s": round(best["bare"], 1),
             "decoders": {d: {"threads": threads if threads is not None else default_threads[d],
                              "pipeline_images_per_s": round(best[d], 1), "ratio": round(best[d] / best["bare"], 3),
@@ -110,10 +112,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="toy-clip,ViT-B-32")
     parser.add_argument("--decoders", default="opencv", help="comma-separated: opencv, nvimgcodec")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="pixels per side of the stored images; default: each model's input size "
+                             "(pipelines/imagenet.yaml stores 256 px for a 224 px CLIP, so every image is resized)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench_model(m, args.n, args.batch_size, args.shard_size, args.threads, args.repeats, args.device,
-                            args.decoders.split(","), Path(tmp)) for m in args.models.split(",")]
+                            args.decoders.split(","), args.image_size, Path(tmp)) for m in args.models.split(",")]
     print(json.dumps({"benchmark": "embed", "n_images": args.n, "batch_size": args.batch_size,
                       "shard_size": args.shard_size,
                       "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "models": rows}))

@@ -225,7 +225,8 @@ def device_batches(clip, shards: list[Path], batch_size: int, threads: int | Non
         raise ValueError(f"unknown embed decoder {decoder!r}; choose from {list(DECODERS)}")
     batch_decoder = None
     if decoder == "nvimgcodec":
-        batch_decoder = NvImageCodecDecoder(clip.device, threads or nvimgcodec_threads(clip.device))
+        batch_decoder = NvImageCodecDecoder(clip.device, threads or nvimgcodec_threads(clip.device),
+                                            clip.preprocess_cfg.get("interpolation") or "bicubic")
         threads = 1 if clip.device.type == "cuda" else 0  # one thread feeds it; inline beside a CPU forward
     elif threads is None:
         threads = decode_threads(clip.device, clip.image_size)

@@ -211,10 +211,12 @@ def test_missing_nvimgcodec_names_the_package(monkeypatch, tmp_path):
         embed_shard(MeanColourEncoder(), shard, tmp_path / "x.parquet", decoder="nvimgcodec")
 
 
-def test_nvimgcodec_sends_model_size_jpegs_to_the_gpu_decoder_and_the_rest_to_its_cpu_codecs():
+def test_nvimgcodec_sends_square_jpegs_to_the_gpu_decoder_and_the_rest_to_its_cpu_codecs():
     """The routing and the batch assembly of the GPU path, on a CPU: a stand-in GPU decoder returns arrays,
     which become tensors as a GPU decoder's images do. (The GPU decoder itself needs a GPU.)"""
     pytest.importorskip("nvidia.nvimgcodec", reason="the dev extra installs nvidia-nvimgcodec-cu13")
+    from PIL import ImageOps
+
     from clipgen.data.images_array import decode_rgb
     from clipgen.data.nvdecode import NvImageCodecDecoder
 
@@ -228,18 +230,20 @@ def test_nvimgcodec_sends_model_size_jpegs_to_the_gpu_decoder_and_the_rest_to_it
 
     decoder._gpu_decoder = StandInGpuDecoder()
     rng = np.random.default_rng(2)
-    image = lambda size: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
-    fit = lambda img: np.asarray(img.resize((8, 8)), dtype=np.uint8)  # noqa: E731
-    datas = [_encoded(image(8), "JPEG"), _encoded(image(8), "PNG"), _encoded(image(13), "JPEG"), b"junk",
-             _encoded(image(8), "GIF"), None, _encoded(image(8), "JPEG")]
+    image = lambda h, w=None: rng.integers(0, 256, (h, w or h, 3), dtype=np.uint8)  # noqa: E731
+    fit = lambda img: np.asarray(ImageOps.fit(img, (8, 8), Image.BICUBIC), dtype=np.uint8)  # noqa: E731
+    datas = [_encoded(image(8), "JPEG"), _encoded(image(8), "PNG"), _encoded(image(24), "JPEG"), b"junk",
+             _encoded(image(8), "GIF"), None, _encoded(image(8), "JPEG"), _encoded(image(12, 9), "JPEG")]
     pixels, decoded = decoder.decode(datas, 8, fit)
-    assert routed == [("jpeg", 8, 8), ("jpeg", 8, 8)]  # rows 0 and 6; the 13 px JPEG needs a resize on the host
-    assert decoded == [True, True, True, False, True, False, True]
-    for row, data, ok in zip(pixels.numpy(), datas, decoded, strict=True):
-        if ok:
-            want = decode_rgb(data)
-            assert np.array_equal(row, want if want.shape[0] == 8 else fit(Image.fromarray(want)))
+    # rows 0, 2 and 6 are square JPEGs; the 12x9 one takes the CLIP's own crop on the host
+    assert routed == [("jpeg", 8, 8), ("jpeg", 24, 24), ("jpeg", 8, 8)]
+    assert decoded == [True, True, True, False, True, False, True, True]
+    for i in (0, 1, 4, 6, 7):
+        want = decode_rgb(datas[i])
+        assert np.array_equal(pixels[i].numpy(), want if want.shape[:2] == (8, 8) else fit(Image.fromarray(want))), i
+    resized = pixels[2].numpy().astype(int) - fit(Image.fromarray(decode_rgb(datas[2]))).astype(int)
+    assert np.abs(resized).max() <= 3  # torch's antialiased bicubic in place of PIL's
     routed.clear()
-    pixels, decoded = decoder.decode(datas[:1] + datas[6:], 8, fit)  # a batch all on the "GPU": one stack
+    pixels, decoded = decoder.decode(datas[:1] + datas[6:7], 8, fit)  # a batch all on the "GPU": one stack
     assert len(routed) == 2 and decoded == [True, True]
     assert np.array_equal(pixels[1].numpy(), decode_rgb(datas[6]))

@@ -34,7 +34,7 @@ def test_nvimgcodec_on_the_gpu_gives_opencvs_pixels_within_rounding():
     rng = np.random.default_rng(0)
     jpegs = [encode_jpeg(Image.fromarray(photo(rng, 224))) for _ in range(24)]  # what ingest writes
     datas = [*jpegs, png(photo(rng, 224)), b"junk", encode_jpeg(Image.fromarray(photo(rng, 300)))]
-    fit = lambda img: np.asarray(img.resize((224, 224)), dtype=np.uint8)  # noqa: E731
+    fit = lambda img: np.asarray(img.resize((224, 224), Image.BICUBIC), dtype=np.uint8)  # noqa: E731
     pixels, decoded = NvImageCodecDecoder(torch.device("cuda"), cpu_threads=4).decode(datas, 224, fit)
     assert pixels.is_cuda and decoded == [True] * 25 + [False, True]
     got = pixels.cpu().numpy().astype(int)
@@ -43,7 +43,10 @@ def test_nvimgcodec_on_the_gpu_gives_opencvs_pixels_within_rounding():
     print(f"GPU JPEG decoding vs libjpeg-turbo: max |diff| {worst}, mean {mean:.3f} levels")
     assert worst <= 8 and mean < 0.5  # IDCTs differ in rounding only
     assert np.array_equal(got[24], decode_rgb(datas[24]))  # PNG: CPU codec, exact
-    assert np.array_equal(got[26], fit(Image.fromarray(decode_rgb(datas[26]))))  # resized on the host
+    resized = np.abs(got[26] - fit(Image.fromarray(decode_rgb(datas[26]))).astype(int))  # on the GPU
+    print(f"GPU decoding and resizing 300 -> 224 px vs OpenCV + PIL: max |diff| {resized.max()}, "
+          f"mean {resized.mean():.3f} levels")
+    assert resized.max() <= 16 and resized.mean() < 1.0
 
 
 def test_embed_with_nvimgcodec_on_the_gpu_matches_opencv(tmp_path):

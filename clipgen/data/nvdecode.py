@@ -3,12 +3,15 @@
 The embed stage's default decoder (OpenCV on a few Python threads) is bound by the host's CPU on a GPU box:
 a 16-core H100 host decodes 224 px JPEGs at ~20k img/s flat out, about what ViT-B-32 embeds, so data loading
 cannot hide behind the model. nvImageCodec takes a whole batch in one call that runs without the GIL. On a
-CUDA device, JPEGs already at model size (what ingest writes) go to its GPU decoder, which prefers the GPU's
-hardware JPEG engines (A100, H100) and falls back to nvJPEG's CUDA decoder; everything else (PNG, WebP, JPEGs
-that need a resize) goes to its CPU codecs on their own C++ threads and reaches the device in one copy per
-batch (its GPU decoder would copy each such image over on its own, with two waits per image). Anything it
-cannot read (GIF, say) falls back to :func:`clipgen.data.images_array.decode_rgb`, so both decoders skip the
-same samples.
+CUDA device, square JPEGs (what ingest writes) go to its GPU decoder, which prefers the GPU's hardware JPEG
+engines (A100, H100) and falls back to nvJPEG's CUDA decoder; those not at the CLIP's input size (256 px
+shards for a 224 px CLIP) are resized on the GPU as the CLIP's preprocessing does (for a square, its resize
+is the whole of it), with torch's antialiased filter in place of PIL's (0.2 levels apart on average, 7 at
+most, on noisy 256 px photos). Everything else (PNG, WebP, JPEGs
+that are not square) goes to nvImageCodec's CPU codecs on their own C++ threads and reaches the device in
+one copy per batch (its GPU decoder would copy each such image over on its own, with two waits per image).
+Anything it cannot read (GIF, say) falls back to :func:`clipgen.data.images_array.decode_rgb`, so both
+decoders skip the same samples.
 
 On a CPU device only the CPU codecs run (libjpeg-turbo and OpenCV, as in ``decode_rgb``): the tests check
 there that both decoders give the same pixels, which pins down everything but the GPU decoder itself.
@@ -17,11 +20,13 @@ Needs the ``nvidia-nvimgcodec-cu13[all]`` wheels (``pip install clipgen[gpu]``).
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from clipgen.data.images_array import decode_rgb
@@ -46,8 +51,11 @@ class NvImageCodecDecoder:
     GPU the batch is decoded and assembled on a stream of its own and is complete when :meth:`decode` returns.
     """
 
-    def __init__(self, device: torch.device, cpu_threads: int):
+    def __init__(self, device: torch.device, cpu_threads: int, interpolation: str = "bicubic"):
+        """``interpolation``: the CLIP's resize filter; JPEGs off its input size are resized on the GPU only
+        with a filter torch has (``bicubic``, ``bilinear``), else on the host by ``fit_image``."""
         nvimgcodec = _import_nvimgcodec()
+        self._gpu_resize = interpolation if interpolation in ("bicubic", "bilinear") else None
         self._code_stream = nvimgcodec.CodeStream
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.SRGB,
                                                sample_format=nvimgcodec.I_RGB)  # as decode_rgb: no EXIF turn
@@ -66,8 +74,8 @@ class NvImageCodecDecoder:
         """``(pixels, decoded)``: row i holds ``datas[i]`` at ``size`` (refitted with ``fit_image`` when it is
         another size) where ``decoded[i]``; rows that could not be decoded are left as they are."""
         with torch.cuda.stream(self._stream):  # no-op for None (a CPU device)
-            images = [_at_size(image, data, size, fit_image)
-                      for image, data in zip(self._decode_all(datas, size), datas, strict=True)]
+            images = _fit_on_device(self._decode_all(datas, size), size, self._gpu_resize)
+            images = [_at_size(image, data, size, fit_image) for image, data in zip(images, datas, strict=True)]
             pixels = torch.empty(len(datas), size, size, 3, dtype=torch.uint8, device=self.device)
             _copy_host_images(images, pixels)
             _copy_device_images(images, pixels)
@@ -76,11 +84,12 @@ class NvImageCodecDecoder:
         return pixels, [image is not None for image in images]
 
     def _decode_all(self, datas: list[bytes | None], size: int) -> list[torch.Tensor | np.ndarray | None]:
-        """Per sample: a device tensor (a JPEG at ``size``, decoded on the GPU), a host array of any size (what
-        the CPU codecs read), or None (nothing nvImageCodec can read; :func:`_at_size` retries those)."""
+        """Per sample: a device tensor (a square JPEG, decoded on the GPU), a host array (what the CPU codecs
+        read), either of any size, or None (nothing nvImageCodec can read; :func:`_at_size` retries those)."""
         streams = [self._parsed(data) for data in datas]
         on_gpu = [i for i, stream in enumerate(streams) if stream is not None and self._gpu_decoder is not None
-                  and stream.codec_name == "jpeg" and (stream.height, stream.width) == (size, size)]
+                  and stream.codec_name == "jpeg" and stream.height == stream.width
+                  and (stream.height == size or self._gpu_resize)]
         taken = set(on_gpu)
         on_cpu = [i for i, stream in enumerate(streams) if stream is not None and i not in taken]
         images: list = [None] * len(datas)
@@ -105,6 +114,23 @@ class NvImageCodecDecoder:
             return stream
         except Exception:
             return None
+
+
+def _fit_on_device(images: list, size: int, mode: str | None) -> list:
+    """``images`` with each device tensor not at ``size`` (all square) resized to it on the device, a batch per
+    input size."""
+    by_side = collections.defaultdict(list)
+    for i, image in enumerate(images):
+        if isinstance(image, torch.Tensor) and image.shape[0] != size:
+            by_side[image.shape[0]].append(i)
+    images = list(images)
+    for rows in by_side.values():
+        batch = torch.stack([images[i] for i in rows]).permute(0, 3, 1, 2).float()
+        resized = F.interpolate(batch, size=(size, size), mode=mode, antialias=True, align_corners=False)
+        resized = resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        for i, image in zip(rows, resized, strict=True):
+            images[i] = image
+    return images
 
 
 def _at_size(image: torch.Tensor | np.ndarray | None, data: bytes | None, size: int, fit_image):
