@@ -94,8 +94,7 @@ def bench_model(name: str, n: int, batch_size: int, shard_size: int, threads: in
     default_threads = {"opencv": decode_threads(clip.device, clip.image_size),
                        "nvimgcodec": nvimgcodec_threads(clip.device)}
     return {"model": name, "image_size": clip.image_size, "stored_size": stored_size, "format": fmt,
-            "device": str(clip.device),
-            "shards": len(shards), "bare_forward_images_per_s": round(best["bare"], 1),
+            "device": str(clip.device), "shards": len(shards), "bare_forward_images_per_s": round(best["bare"], 1),
             "decoders": {d: {"threads": threads if threads is not None else default_threads[d],
                              "pipeline_images_per_s": round(best[d], 1), "ratio": round(best[d] / best["bare"], 3),
                              "loading_only_images_per_s": round(best[f"{d}_loading"], 1)} for d in decoders}}
