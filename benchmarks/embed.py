@@ -81,12 +81,15 @@ def bench_model(name: str, n: int, batch_size: int, shard_size: int, threads: in
         clip.encode_images(pixels, batch_size=batch_size)
         return n
 
+    def pipeline(decoder: str) -> int:
+        return sum(result.count for result in embed_shards(clip, jobs, batch_size, threads, decoder))
+
+    def loading(decoder: str) -> int:
+        return sum(len(batch.keys) for batch in device_batches(clip, shards, batch_size, threads, decoder))
+
     sides = {"bare": bare}
     for decoder in decoders:
-        sides[decoder] = partial(lambda d: sum(r.count for r in embed_shards(clip, jobs, batch_size, threads, d)),
-                                 decoder)
-        sides[f"{decoder}_loading"] = partial(
-            lambda d: sum(len(b.keys) for b in device_batches(clip, shards, batch_size, threads, d)), decoder)
+        sides[decoder], sides[f"{decoder}_loading"] = partial(pipeline, decoder), partial(loading, decoder)
     for work in sides.values():
         timed(work)  # warm-up (first-call allocations, cuDNN autotune, the Parquet writer's import)
     runs = [{side: timed(work) for side, work in sides.items()} for _ in range(repeats)]  # interleaved

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +33,7 @@ from clipgen.artifacts import atomic_path
 from clipgen.data.images_array import decode_rgb
 from clipgen.data.nvdecode import NvImageCodecDecoder
 from clipgen.data.shards import IMAGE_EXTS, image_bytes, iter_shard_readers, read_list_column
+from clipgen.train.loop import usable_cores
 
 DECODERS = ("opencv", "nvimgcodec")
 SLICE = 16  # images per decoding task: small enough that the first batch is ready early
@@ -63,8 +63,7 @@ class ShardImages:
 
     def batches(self, threads: int, pin: bool = False) -> Iterator[ImageBatch]:
         """``threads=0`` decodes in the calling thread, one batch at a time (a CPU box whose cores run the model).
-        With a batch decoder any other value means one thread: the decoder runs its own."""
-        threads = min(threads, 1) if self.batch_decoder else threads
+        A batch decoder runs threads of its own and wants 0 or 1 here (:func:`device_batches` picks)."""
         if threads == 0:
             for pending in self._submit(None, pin):
                 yield _finish(*pending)
@@ -164,19 +163,15 @@ def decode_threads(device: torch.device, image_size: int) -> int:
     slower with 1 or 2 decoding processes than in-process on 2 cores), so decoding stays inline there.
     """
     if device.type == "cpu":
-        return max(_cores() - torch.get_num_threads(), 0)
-    return max(min(_cores() - 1, 2 if image_size <= 64 else 8), 1)
+        return max(usable_cores() - torch.get_num_threads(), 0)
+    return max(min(usable_cores() - 1, 2 if image_size <= 64 else 8), 1)
 
 
 def nvimgcodec_threads(device: torch.device) -> int:
     """nvImageCodec's own CPU threads (they run without the GIL): all cores but the one feeding the GPU, or on a
     CPU device those torch leaves free (at least one)."""
     busy = 1 if device.type == "cuda" else torch.get_num_threads()
-    return max(_cores() - busy, 1)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(usable_cores() - busy, 1)
 
 
 def embed_shard(clip, shard: Path, out_path: Path, batch_size: int = 256, threads: int | None = None,

@@ -96,6 +96,11 @@ def micro_batch_size(batch_size: int, key: str, train_grad_accum: int, world_siz
     return batch_size // parts
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def free_cpu_threads(sample_seconds: float = 0.3) -> int:
     """CPU threads worth using now: the cores this process may run on, minus those other processes keep busy.
 
@@ -105,7 +110,7 @@ def free_cpu_threads(sample_seconds: float = 0.3) -> int:
     over ``sample_seconds`` from ``/proc/stat``, minus this process's own use: the load average would
     still count a stage that ended a minute ago and starve the next one.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     try:
         busy_others = _other_processes_busy_cores(sample_seconds)
     except (OSError, ValueError, IndexError):  # no /proc (not Linux): fall back to the load average
