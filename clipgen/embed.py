@@ -27,10 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from clipgen.artifacts import atomic_path
-from clipgen.data.images_array import decode_rgb
+from clipgen.data.images_array import decode_fitted
 from clipgen.data.nvdecode import NvImageCodecDecoder
 from clipgen.data.shards import IMAGE_EXTS, image_bytes, iter_shard_readers, read_list_column
 from clipgen.train.loop import usable_cores
@@ -112,16 +111,9 @@ class ShardImages:
         return decoded
 
     def _decode(self, data: bytes | None, out: np.ndarray | None = None) -> np.ndarray | None:
-        """The image at model size (written into ``out`` when it can be), or None."""
-        if data is None:
-            return None
-        try:
-            pixels = decode_rgb(data, out)
-            if pixels.shape[:2] == (self.size, self.size):
-                return pixels  # CLIP's resize and crop are no-ops at model size
-            return self.fit_image(Image.fromarray(pixels))
-        except Exception:  # any undecodable sample is skipped and counted, never fatal
-            return None
+        """The image at model size (written into ``out`` when it can be; CLIP's resize and crop are no-ops at
+        model size), or None."""
+        return decode_fitted(data, self.size, self.fit_image, out)
 
 
 def _run_inline(fn, *args) -> Future:
@@ -132,7 +124,8 @@ def _run_inline(fn, *args) -> Future:
 
 
 def _image_bytes(readers: dict) -> bytes | None:
-    return image_bytes({ext: read() for ext, read in readers.items()})
+    read = image_bytes(readers)  # the reader of the sample's image member: only that member is read
+    return read() if read else None
 
 
 def _finish(index: int, chunk, pixels: torch.Tensor | None, slices: list[Future]) -> ImageBatch:

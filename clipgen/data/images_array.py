@@ -55,20 +55,30 @@ def decode_rgb(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(members: dict[str, bytes], image_size: int) -> np.ndarray | None:
-    """A sample's image as uint8 [S, S, 3], or None if it has none or cannot be decoded."""
-    data = image_bytes(members)
-    if data is None:
+def fit_pixels(pixels: np.ndarray, size: int, fit) -> np.ndarray:
+    """``pixels`` when they are ``size`` x ``size`` already, else ``fit(PIL image)``: a resize and crop to it."""
+    return pixels if pixels.shape[:2] == (size, size) else fit(Image.fromarray(pixels))
+
+
+def decode_fitted(data: bytes | None, size: int, fit, out: np.ndarray | None = None) -> np.ndarray | None:
+    """``data`` decoded (into ``out`` when it can be) and brought to ``size`` by :func:`fit_pixels`; None when
+    there is no image or it cannot be decoded: a damaged sample is skipped and counted by the caller, never fatal."""
+    if not data:
         return None
     try:
-        pixels = decode_rgb(data)
-        if pixels.shape[:2] == (image_size, image_size):
-            return pixels
-        # ingest already sizes images; foreign shards may not
-        fitted = ImageOps.fit(Image.fromarray(pixels), (image_size, image_size), Image.Resampling.LANCZOS)
-        return np.asarray(fitted, dtype=np.uint8)
-    except Exception:  # a damaged sample is skipped and counted by the caller, never fatal
+        return fit_pixels(decode_rgb(data, out), size, fit)
+    except Exception:
         return None
+
+
+def _lanczos_fit(size: int):
+    return lambda image: np.asarray(ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def decode_image(members: dict[str, bytes], image_size: int) -> np.ndarray | None:
+    """A sample's image as uint8 [S, S, 3], or None if it has none or cannot be decoded. Ingest already sizes
+    images; foreign shards may not be, and take a Lanczos resize and centre crop."""
+    return decode_fitted(image_bytes(members), image_size, _lanczos_fit(image_size))
 
 
 def to_model_input(batch: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,8 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from clipgen.data.images_array import decode_rgb
+from clipgen.data.images_array import decode_fitted, fit_pixels
 
 
 def _import_nvimgcodec():
@@ -137,13 +136,11 @@ def _at_size(image: torch.Tensor | np.ndarray | None, data: bytes | None, size: 
     """A decoded image at ``size`` (device tensors already are), or None when it cannot be decoded at all."""
     if isinstance(image, torch.Tensor):
         return image
+    if image is None:
+        return decode_fitted(data, size, fit_image)
     try:
-        if image is None:
-            if not data:
-                return None
-            image = decode_rgb(data)
-        return image if image.shape[:2] == (size, size) else fit_image(Image.fromarray(image))
-    except Exception:  # any undecodable sample is skipped and counted, never fatal
+        return fit_pixels(image, size, fit_image)
+    except Exception:  # any unfittable sample is skipped and counted, never fatal
         return None
 
 

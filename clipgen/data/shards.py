@@ -12,10 +12,10 @@ import json
 import mmap
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from clipgen.artifacts import atomic_path, file_digest, write_json_atomic
 
 IMAGE_EXTS = ("png", "jpg")
+T = TypeVar("T")
 
 
 @dataclass
@@ -173,8 +174,8 @@ def _tarfile_index(path: Path) -> tuple[bytes, list[tuple[str, int, int]]]:
     return b"".join(data for _, data in contents), index
 
 
-def image_bytes(members: dict[str, bytes]) -> bytes | None:
-    """A sample's encoded image (the first of IMAGE_EXTS it has), or None."""
+def image_bytes(members: Mapping[str, T]) -> T | None:
+    """A sample's encoded image (the first of IMAGE_EXTS it has), or None; given readers, that image's reader."""
     return next((members[e] for e in IMAGE_EXTS if e in members), None)
 
 
