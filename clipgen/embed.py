@@ -16,6 +16,7 @@ GPU (:mod:`clipgen.data.nvdecode`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +31,7 @@ import torch
 
 from clipgen.artifacts import atomic_path
 from clipgen.data.images_array import decode_fitted
-from clipgen.data.nvdecode import NvImageCodecDecoder
+from clipgen.data.nvdecode import NvImageCodecDecoder, pooled_decoder
 from clipgen.data.shards import IMAGE_EXTS, image_bytes, iter_shard_readers, read_list_column
 from clipgen.train.loop import usable_cores
 
@@ -211,15 +212,22 @@ def device_batches(clip, shards: list[Path], batch_size: int, threads: int | Non
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown embed decoder {decoder!r}; choose from {list(DECODERS)}")
-    batch_decoder = None
     if decoder == "nvimgcodec":
-        batch_decoder = NvImageCodecDecoder(clip.device, threads or nvimgcodec_threads(clip.device),
-                                            clip.preprocess_cfg.get("interpolation") or "bicubic")
-        threads = 1 if clip.device.type == "cuda" else 0  # one thread feeds it; inline beside a CPU forward
-    elif threads is None:
-        threads = decode_threads(clip.device, clip.image_size)
-    images = ShardImages(shards, clip.fit_image, clip.image_size, batch_size, batch_decoder)
+        return _nvimgcodec_batches(clip, shards, batch_size, threads or nvimgcodec_threads(clip.device))
+    images = ShardImages(shards, clip.fit_image, clip.image_size, batch_size)
+    threads = decode_threads(clip.device, clip.image_size) if threads is None else threads
     return _on_device(images.batches(threads, pin=clip.device.type == "cuda"), clip.device)
+
+
+def _nvimgcodec_batches(clip, shards: list[Path], batch_size: int, cpu_threads: int) -> Iterator[ImageBatch]:
+    """:func:`device_batches` through a pooled nvImageCodec decoder, which goes back to the pool only once its
+    decoding thread has stopped."""
+    interpolation = clip.preprocess_cfg.get("interpolation") or "bicubic"
+    on_gpu = clip.device.type == "cuda"  # one thread feeds the decoder; inline beside a CPU forward
+    with pooled_decoder(clip.device, cpu_threads, interpolation) as batch_decoder:
+        images = ShardImages(shards, clip.fit_image, clip.image_size, batch_size, batch_decoder)
+        with contextlib.closing(images.batches(1 if on_gpu else 0, pin=on_gpu)) as batches:
+            yield from _on_device(batches, clip.device)
 
 
 def _on_device(batches: Iterator[ImageBatch], device: torch.device) -> Iterator[ImageBatch]:

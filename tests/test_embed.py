@@ -211,6 +211,35 @@ def test_missing_nvimgcodec_names_the_package(monkeypatch, tmp_path):
         embed_shard(MeanColourEncoder(), shard, tmp_path / "x.parquet", decoder="nvimgcodec")
 
 
+def test_nvimgcodec_decoders_are_reused_by_later_pipelines_and_never_held_by_two(monkeypatch, tmp_path):
+    """Starting a decoder costs ~0.7 s on a GPU, so the stage's pipelines (a group of shards each) share a pool."""
+    pytest.importorskip("nvidia.nvimgcodec", reason="the dev extra installs nvidia-nvimgcodec-cu13")
+    import collections
+
+    from clipgen.data import nvdecode
+    from clipgen.embed import device_batches
+
+    monkeypatch.setattr(nvdecode, "_idle_decoders", collections.defaultdict(list))
+    started = []
+
+    class CountedDecoder(nvdecode.NvImageCodecDecoder):
+        def __init__(self, *args):
+            super().__init__(*args)
+            started.append(self)
+
+    monkeypatch.setattr(nvdecode, "NvImageCodecDecoder", CountedDecoder)
+    enc, (_, shard) = MeanColourEncoder(), make_shard(tmp_path, n=12)
+    for name in ("a", "b"):
+        result = embed_shard(enc, shard, tmp_path / f"{name}.parquet", batch_size=5, threads=1, decoder="nvimgcodec")
+        assert result.count == 12
+    assert len(started) == 1
+    first, second = (device_batches(enc, [shard], 5, threads=1, decoder="nvimgcodec") for _ in range(2))
+    next(first), next(second)  # two pipelines at once: the second starts a decoder of its own
+    assert len(started) == 2
+    first.close(), second.close()  # consumers that stop early give their decoders back
+    assert sorted(map(id, nvdecode._idle_decoders[("cpu", 1, "bicubic")])) == sorted(map(id, started))
+
+
 def test_nvimgcodec_sends_square_jpegs_to_the_gpu_decoder_and_the_rest_to_its_cpu_codecs():
     """The routing and the batch assembly of the GPU path, on a CPU: a stand-in GPU decoder returns arrays,
     which become tensors as a GPU decoder's images do. (The GPU decoder itself needs a GPU.)"""

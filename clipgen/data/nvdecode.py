@@ -21,8 +21,11 @@ Needs the ``nvidia-nvimgcodec-cu13[all]`` wheels (``pip install clipgen[gpu]``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import os
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -113,6 +116,31 @@ class NvImageCodecDecoder:
             return stream
         except Exception:
             return None
+
+
+_idle_decoders: dict[tuple, list[NvImageCodecDecoder]] = collections.defaultdict(list)
+_idle_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def pooled_decoder(device: torch.device, cpu_threads: int, interpolation: str = "bicubic"
+                   ) -> Iterator[NvImageCodecDecoder]:
+    """A :class:`NvImageCodecDecoder` that is kept for the next caller with the same arguments.
+
+    Starting one costs ~0.7 s on an H100 or H200 (the hardware decoder and its first buffers), as long as
+    decoding ~14,000 224 px JPEGs there, and the embed stage makes one pipeline per group of shards. Each caller
+    holds its decoder alone: callers at the same time (the stage's tasks on threads) get decoders of their own.
+    """
+    key = (str(device), cpu_threads, interpolation)
+    with _idle_lock:
+        idle = _idle_decoders[key]
+        decoder = idle.pop() if idle else None
+    decoder = decoder or NvImageCodecDecoder(device, cpu_threads, interpolation)
+    try:
+        yield decoder
+    finally:
+        with _idle_lock:
+            _idle_decoders[key].append(decoder)
 
 
 def _fit_on_device(images: list, size: int, mode: str | None) -> list:
