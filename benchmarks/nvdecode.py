@@ -56,6 +56,20 @@ def images_per_s(decode_batch, n: int, batch_size: int, sync) -> float:
     return n / (time.perf_counter() - start)
 
 
+def backend_rate(decoder, streams: list, params, batch_size: int, cuda_stream: int, sync):
+    """Images/s of ``decoder`` over ``streams``; with the count of failures beside it when there are any (a
+    backend that cannot take these JPEGs is not fast, it is absent)."""
+    failed = 0
+
+    def decode_batch(first: int, last: int) -> None:
+        nonlocal failed
+        found = decoder.decode(streams[first:last], params=params, cuda_stream=cuda_stream)
+        failed += sum(image is None for image in found)
+
+    rate = round(images_per_s(decode_batch, len(streams), batch_size, sync), 1)
+    return {"images_per_s": rate, "failed": failed} if failed else rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1024)
@@ -85,15 +99,8 @@ def main() -> None:
         for sub, datas in sets.items():
             streams = [nv.CodeStream(data) for data in datas]
             for batch_size in map(int, args.batch_sizes.split(",")):
-                failed = []
-
-                def decode_batch(first, last, decoder=decoder, streams=streams, failed=failed):
-                    found = decoder.decode(streams[first:last], params=params, cuda_stream=cuda_stream)
-                    failed.extend(image is None for image in found)
-
-                rate = round(images_per_s(decode_batch, args.n, batch_size, sync), 1)
-                rates[f"{name}_{sub}_batch{batch_size}"] = {"images_per_s": rate, "failed": sum(failed)} \
-                    if any(failed) else rate  # a backend that cannot take these JPEGs is not fast, it is absent
+                rates[f"{name}_{sub}_batch{batch_size}"] = backend_rate(decoder, streams, params, batch_size,
+                                                                        cuda_stream, sync)
     fit = lambda img: np.asarray(img.resize((args.size, args.size), Image.BICUBIC), dtype=np.uint8)  # noqa: E731
     start = time.perf_counter()
     ours = NvImageCodecDecoder(device, threads)
