@@ -223,10 +223,10 @@ def _nvimgcodec_batches(clip, shards: list[Path], batch_size: int, cpu_threads: 
     """:func:`device_batches` through a pooled nvImageCodec decoder, which goes back to the pool only once its
     decoding thread has stopped."""
     interpolation = clip.preprocess_cfg.get("interpolation") or "bicubic"
-    on_gpu = clip.device.type == "cuda"  # one thread feeds the decoder; inline beside a CPU forward
+    threads = 1 if clip.device.type == "cuda" else 0  # one thread feeds the decoder; inline beside a CPU forward
     with pooled_decoder(clip.device, cpu_threads, interpolation) as batch_decoder:
         images = ShardImages(shards, clip.fit_image, clip.image_size, batch_size, batch_decoder)
-        with contextlib.closing(images.batches(1 if on_gpu else 0, pin=on_gpu)) as batches:
+        with contextlib.closing(images.batches(threads)) as batches:  # its own pixels: none to pin
             yield from _on_device(batches, clip.device)
 
 
