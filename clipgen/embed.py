@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 import torch
 
 from clipgen.artifacts import atomic_path
+from clipgen.cores import usable_cores
 from clipgen.data.images_array import decode_fitted
 from clipgen.data.nvdecode import NvImageCodecDecoder, pooled_decoder
 from clipgen.data.shards import IMAGE_EXTS, image_bytes, iter_shard_readers, read_list_column
-from clipgen.train.loop import usable_cores
 
 DECODERS = ("opencv", "nvimgcodec")
 SLICE = 16  # images per decoding task: small enough that the first batch is ready early

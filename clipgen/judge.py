@@ -28,9 +28,9 @@ from torch import nn
 
 from clipgen.artifacts import atomic_path, write_json_atomic
 from clipgen.config import DataConfig, JudgeConfig
+from clipgen.cores import free_cpu_threads, torch_threads
 from clipgen.data.shards import iter_shard, shard_paths
 from clipgen.data.world import COLOUR_NAMES, SHAPES, WorldArrays, world_arrays
-from clipgen.train.loop import free_cpu_threads, torch_threads
 
 WEIGHTS, CONFIG, METRICS = "judge.safetensors", "config.json", "metrics.json"
 PREDICT_BATCH = 512

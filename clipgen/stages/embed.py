@@ -62,8 +62,8 @@ def toyclip_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.clip import load_clip
+    from clipgen.cores import free_cpu_threads, torch_threads
     from clipgen.train.clip import CaptionedImages, pretrain_toy_clip
-    from clipgen.train.loop import free_cpu_threads, torch_threads
 
     shards = inputs["shards"].path
     train = read_labeled_split(shards, "captioned", cfg.data.image_size)

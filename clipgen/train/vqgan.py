@@ -181,7 +181,7 @@ def fit(cfg: VQGANConfig, train: TrainConfig, data: ArrayImages | ShardStream | 
     ``data``: the training images (:func:`clipgen.data.images_array.open_images`, or a uint8 array).
     ``heldout``: uint8 images to report PSNR and codebook usage on at the end. ``on_step(step, logs)`` is
     called after every step (a test uses it to kill a run). ``cpu_threads``: torch threads on CPU; None
-    takes the cores that are free when training starts (see :func:`clipgen.train.loop.free_cpu_threads`).
+    takes the cores that are free when training starts (see :func:`clipgen.cores.free_cpu_threads`).
     """
     with loop.training_process(cpu_threads) as info:
         return _fit(cfg, train, data if not isinstance(data, np.ndarray) else ArrayImages(data),
