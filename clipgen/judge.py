@@ -30,9 +30,10 @@ from clipgen.artifacts import atomic_path, write_json_atomic
 from clipgen.config import DataConfig, JudgeConfig
 from clipgen.cores import free_cpu_threads, torch_threads
 from clipgen.data.shards import iter_shard, shard_paths
-from clipgen.data.world import COLOUR_NAMES, SHAPES, WorldArrays, world_arrays
+from clipgen.data.world import ATTRIBUTES, WorldArrays, prompt_attributes, world_arrays
 
 WEIGHTS, CONFIG, METRICS = "judge.safetensors", "config.json", "metrics.json"
+FORMAT = "clipgen-judge-2"  # one head per world attribute
 PREDICT_BATCH = 512
 BLUR_RATE = 0.3
 
@@ -51,7 +52,7 @@ class JudgeArch:
 class JudgeNet(nn.Module):
     """conv-BN-ReLU stack -> global avg+max pool -> one linear head per attribute."""
 
-    def __init__(self, arch: JudgeArch, n_shapes: int, n_colours: int):
+    def __init__(self, arch: JudgeArch, classes: dict[str, int]):
         super().__init__()
         layers, channels = [], 3
         for width, stride in zip(arch.widths, arch.strides, strict=True):
@@ -59,18 +60,28 @@ class JudgeNet(nn.Module):
             channels = width
         self.features = nn.Sequential(*layers)
         # max pooling keeps a small shape's evidence from being averaged away by the background
-        self.shape_head = nn.Linear(2 * channels, n_shapes)
-        self.colour_head = nn.Linear(2 * channels, n_colours)
+        self.heads = nn.ModuleDict({name: nn.Linear(2 * channels, n) for name, n in classes.items()})
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features((x - 0.5) / 0.25)  # x: [N, 3, H, W] in [0, 1]
-        pooled = torch.cat([F.adaptive_avg_pool2d(h, 1), F.adaptive_max_pool2d(h, 1)], dim=1).flatten(1)
-        return self.shape_head(pooled), self.colour_head(pooled)  # [N, n_shapes], [N, n_colours]
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``[N, 2 * widths[-1]]`` of images ``x`` ``[N, 3, H, W]`` in [0, 1]."""
+        h = self.features((x - 0.5) / 0.25)
+        return torch.cat([F.adaptive_avg_pool2d(h, 1), F.adaptive_max_pool2d(h, 1)], dim=1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.pooled(x)
+        return {name: head(pooled) for name, head in self.heads.items()}  # attribute -> [N, n_classes]
 
 
 class JudgeVerdict(NamedTuple):
-    shapes: list[str]  # one name from the judge's shape list per image
-    colours: list[str]  # one name from the judge's colour list per image
+    """One label name per image for each attribute the judge reads."""
+
+    shapes: list[str]
+    colours: list[str]
+    sizes: list[str]
+    backgrounds: list[str]
+
+    def of(self, attribute: str) -> list[str]:
+        return {"shape": self.shapes, "colour": self.colours, "size": self.sizes, "background": self.backgrounds}[attribute]
 
 
 # ------------------------------------------------------------------------------------ the judge
@@ -98,31 +109,44 @@ def images_to_tensor(images, image_size: int) -> torch.Tensor:
 class Judge:
     """A trained judge plus its label names; ``predict`` maps images to attribute names."""
 
-    def __init__(self, net: JudgeNet, arch: JudgeArch, image_size: int, shapes: Sequence[str],
-                 colours: Sequence[str]):
+    def __init__(self, net: JudgeNet, arch: JudgeArch, image_size: int, labels: dict[str, Sequence[str]]):
         self.net, self.arch, self.image_size = net.eval(), arch, image_size
-        self.shapes, self.colours = tuple(shapes), tuple(colours)
+        self.labels = {name: tuple(values) for name, values in labels.items()}  # attribute -> names in id order
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return self.labels["shape"]
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        return self.labels["colour"]
 
     @torch.no_grad()
-    def logits(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shape and colour logits, [N, len(shapes)] and [N, len(colours)]; see images_to_tensor for inputs."""
+    def _batched(self, fn, images) -> list:
         x = images_to_tensor(images, self.image_size)
         device = next(self.net.parameters()).device
-        parts = [self.net(x[i:i + PREDICT_BATCH].to(device)) for i in range(0, len(x), PREDICT_BATCH)]
-        if not parts:
-            return torch.zeros(0, len(self.shapes)), torch.zeros(0, len(self.colours))
-        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+        return [fn(x[i:i + PREDICT_BATCH].to(device)) for i in range(0, len(x), PREDICT_BATCH)]
 
-    def predict_ids(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted (shape ids, colour ids), int64 [N] each: indices into ``shapes`` / ``colours``."""
-        shape_logits, colour_logits = self.logits(images)
-        return shape_logits.argmax(1), colour_logits.argmax(1)
+    def logits(self, images) -> dict[str, torch.Tensor]:
+        """attribute -> logits ``[N, len(labels[attribute])]``; see images_to_tensor for the inputs."""
+        parts = self._batched(self.net, images)
+        return {name: torch.cat([p[name] for p in parts]).cpu() if parts else torch.zeros(0, len(values))
+                for name, values in self.labels.items()}
+
+    def features(self, images) -> torch.Tensor:
+        """The penultimate (pooled) features ``[N, F]``: a feature space that generation never optimises."""
+        parts = self._batched(self.net.pooled, images)
+        return torch.cat(parts).cpu() if parts else torch.zeros(0, 2 * self.arch.widths[-1])
+
+    def predict_ids(self, images) -> dict[str, torch.Tensor]:
+        """attribute -> predicted label ids, int64 ``[N]``: indices into ``labels[attribute]``."""
+        return {name: logits.argmax(1) for name, logits in self.logits(images).items()}
 
     def predict(self, images) -> JudgeVerdict:
-        """Predicted attribute names, one shape and one colour per image."""
-        shape_ids, colour_ids = self.predict_ids(images)
-        return JudgeVerdict([self.shapes[i] for i in shape_ids.tolist()],
-                            [self.colours[i] for i in colour_ids.tolist()])
+        """Predicted label names: one shape, colour, size word and background word per image."""
+        ids = self.predict_ids(images)
+        names = {attr: [self.labels[attr][i] for i in ids[attr].tolist()] for attr in ATTRIBUTES}
+        return JudgeVerdict(names["shape"], names["colour"], names["size"], names["background"])
 
 
 def save_judge(judge: Judge, out_dir: Path) -> None:
@@ -132,8 +156,8 @@ def save_judge(judge: Judge, out_dir: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in judge.net.state_dict().items()}
     with atomic_path(out_dir / WEIGHTS) as tmp:
         save_file(state, str(tmp))
-    config = {"arch": asdict(judge.arch), "image_size": judge.image_size, "shapes": list(judge.shapes),
-              "colours": list(judge.colours)}
+    config = {"format": FORMAT, "arch": asdict(judge.arch), "image_size": judge.image_size,
+              "labels": {name: list(values) for name, values in judge.labels.items()}}
     write_json_atomic(out_dir / CONFIG, config)
 
 
@@ -145,10 +169,13 @@ def load_judge(path: Path, device: str = "cpu") -> Judge:
             raise FileNotFoundError(f"no judge at {path}: {name} is missing; train it by running the ingest "
                                     "stage (clipgen run PIPELINE --stages ingest)")
     config = json.loads((path / CONFIG).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path / CONFIG}: judge format {config.get('format')!r}, expected {FORMAT!r} (one head "
+                         "per attribute); rerun the ingest stage to train a current judge")
     arch = JudgeArch(**{k: tuple(v) for k, v in config["arch"].items()})
-    net = JudgeNet(arch, len(config["shapes"]), len(config["colours"]))
+    net = JudgeNet(arch, {name: len(values) for name, values in config["labels"].items()})
     net.load_state_dict(load_file(str(path / WEIGHTS)))
-    return Judge(net.to(device), arch, config["image_size"], config["shapes"], config["colours"])
+    return Judge(net.to(device), arch, config["image_size"], config["labels"])
 
 
 # ------------------------------------------------------------------------------------- training
@@ -192,16 +219,15 @@ def fit_judge(net: JudgeNet, data: WorldArrays, cfg: JudgeConfig) -> float:
     gen = torch.Generator().manual_seed(cfg.seed)  # batch order and augmentation draws, on the CPU
     device = next(net.parameters()).device
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).to(device)  # uint8 [N, 3, H, W]
-    shape_ids = torch.from_numpy(data.shape_ids).to(device)
-    colour_ids = torch.from_numpy(data.colour_ids).to(device)
+    labels = {name: torch.from_numpy(ids).to(device) for name, ids in data.labels.items()}
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     batches = _batch_indices(len(images), cfg.batch_size, gen)
     net.train()
     for step in range(cfg.steps):
         batch = next(batches).to(device)
         x = _augment(images[batch].float() / 255.0, gen)  # float per batch only: 4x less resident memory
-        shape_logits, colour_logits = net(x)
-        loss = F.cross_entropy(shape_logits, shape_ids[batch]) + F.cross_entropy(colour_logits, colour_ids[batch])
+        logits = net(x)
+        loss = sum(F.cross_entropy(logits[name], labels[name][batch]) for name in logits)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -213,18 +239,17 @@ def fit_judge(net: JudgeNet, data: WorldArrays, cfg: JudgeConfig) -> float:
 
 def arrays_accuracy(judge: Judge, data: WorldArrays) -> dict:
     """Per-attribute accuracy of ``judge`` on labeled world arrays."""
-    shape_ids, colour_ids = judge.predict_ids(data.images)
-    return _accuracy(shape_ids.numpy(), colour_ids.numpy(), data.shape_ids, data.colour_ids)
+    predicted = judge.predict_ids(data.images)
+    return label_accuracy({name: ids.numpy() for name, ids in predicted.items()}, data.labels)
 
 
-def _accuracy(shape_pred: np.ndarray, colour_pred: np.ndarray, shape_true: np.ndarray,
-              colour_true: np.ndarray) -> dict:
-    shape_ok, colour_ok = shape_pred == shape_true, colour_pred == colour_true
-    n = len(shape_true)
-    return {"shape_accuracy": float(shape_ok.mean()) if n else 0.0,
-            "colour_accuracy": float(colour_ok.mean()) if n else 0.0,
-            "joint_accuracy": float((shape_ok & colour_ok).mean()) if n else 0.0,
-            "n": n, "shape_correct": int(shape_ok.sum()), "colour_correct": int(colour_ok.sum())}
+def label_accuracy(predicted: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> dict:
+    """``<attribute>_accuracy`` per attribute, ``joint_accuracy`` (shape and colour both right), counts."""
+    ok = {name: predicted[name] == true[name] for name in true}
+    n = len(next(iter(true.values())))
+    out: dict = {f"{name}_accuracy": float(hit.mean()) if n else 0.0 for name, hit in ok.items()}
+    out["joint_accuracy"] = float((ok["shape"] & ok["colour"]).mean()) if n else 0.0
+    return out | {"n": n} | {f"{name}_correct": int(hit.sum()) for name, hit in ok.items()}
 
 
 def train_judge(data: DataConfig, out_dir: Path) -> dict:
@@ -236,56 +261,78 @@ def train_judge(data: DataConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)  # the weight init
     arch = JudgeArch()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = JudgeNet(arch, len(SHAPES), len(COLOUR_NAMES)).to(device)
+    net = JudgeNet(arch, {name: len(values) for name, values in ATTRIBUTES.items()}).to(device)
     with torch_threads(threads):
         start = time.perf_counter()
         final_loss = fit_judge(net, train, cfg)
         train_seconds = time.perf_counter() - start
-        judge = Judge(net, arch, data.image_size, SHAPES, COLOUR_NAMES)
+        judge = Judge(net, arch, data.image_size, ATTRIBUTES)
         accuracy = arrays_accuracy(judge, heldout)
     save_judge(judge, out_dir)
     metrics = {**accuracy, "device": device, "cpu_threads": threads, "steps": cfg.steps,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "final_train_loss": final_loss, "train_seconds": round(train_seconds, 2),
                "n_train": len(train.images), "n_heldout": len(heldout.images)}
     write_json_atomic(Path(out_dir) / METRICS, metrics)
-    return {key: metrics[key] for key in ("shape_accuracy", "colour_accuracy", "train_seconds", "n_train",
+    return {key: metrics[key] for key in (*(f"{name}_accuracy" for name in ATTRIBUTES), "train_seconds", "n_train",
                                           "n_heldout")}
 
 
+# ----------------------------------------------------------------------------- scoring prompts
+def prompt_hits(prompts: Sequence[str], verdict: JudgeVerdict) -> dict[str, np.ndarray]:
+    """Per attribute, whether the judge read in each image what its prompt names: 1.0 (hit), 0.0 (miss) or
+    NaN (the prompt does not name that attribute). ``both`` is shape and colour together, where both are named.
+    Accuracy over the prompts that name an attribute is then ``np.nanmean(hits[attribute])``."""
+    hits = {name: np.full(len(prompts), np.nan) for name in (*ATTRIBUTES, "both")}
+    for i, prompt in enumerate(prompts):
+        for name, word in prompt_attributes(prompt).items():
+            hits[name][i] = float(verdict.of(name)[i] == word)
+    hits["both"] = np.where(np.isnan(hits["shape"]) | np.isnan(hits["colour"]), np.nan, hits["shape"] * hits["colour"])
+    return hits
+
+
+def accuracy_of(hits: np.ndarray) -> float | None:
+    """The mean over the named entries of one attribute's hits; None where no prompt names it."""
+    named = hits[~np.isnan(hits)]
+    return float(named.mean()) if len(named) else None
+
+
 # ------------------------------------------------------------------------------ scoring shards
-def _iter_labeled_shards(shard_root: Path, split: str) -> Iterator[tuple[np.ndarray, str, str]]:
+META_KEYS = {"shape": "shape", "colour": "colour", "size": "size_word", "background": "background"}  # in shard json
+
+
+def _iter_labeled_shards(shard_root: Path, split: str) -> Iterator[tuple[np.ndarray, dict[str, str]]]:
     for path in shard_paths(shard_root, split):
         for key, parts in iter_shard(path):
             image_ext = next((ext for ext in ("png", "jpg") if ext in parts), None)
             if image_ext is None or "json" not in parts:
                 raise ValueError(f"{path}: sample {key!r} lacks an image or its json; re-run the ingest stage")
             meta = json.loads(parts["json"])
-            if "shape" not in meta or "colour" not in meta:
-                raise ValueError(f"{path}: sample {key!r} has no shape/colour labels; the judge can only "
-                                 "score shapes-world shards (data.source: world)")
+            if any(k not in meta for k in META_KEYS.values()):
+                raise ValueError(f"{path}: sample {key!r} lacks some of the labels {list(META_KEYS.values())}; the "
+                                 "judge can only score shapes-world shards (data.source: world)")
             image = np.asarray(Image.open(io.BytesIO(parts[image_ext])).convert("RGB"))
-            yield image, meta["shape"], meta["colour"]
+            yield image, {name: meta[k] for name, k in META_KEYS.items()}
 
 
 def judge_accuracy(judge: Judge, shard_root: Path, split: str = "heldout") -> dict:
     """Per-attribute accuracy and counts of ``judge`` on the labeled world shards of one split."""
-    shape_pred, colour_pred, shape_true, colour_true = [], [], [], []
+    predicted: dict[str, list[int]] = {name: [] for name in judge.labels}
+    true: dict[str, list[int]] = {name: [] for name in judge.labels}
     batch: list[np.ndarray] = []
 
     def flush() -> None:
-        shape_ids, colour_ids = judge.predict_ids(np.stack(batch))
-        shape_pred.extend(shape_ids.tolist())
-        colour_pred.extend(colour_ids.tolist())
+        for name, ids in judge.predict_ids(np.stack(batch)).items():
+            predicted[name].extend(ids.tolist())
         batch.clear()
 
-    for image, shape, colour in _iter_labeled_shards(shard_root, split):
+    for image, labels in _iter_labeled_shards(shard_root, split):
         batch.append(image)
-        # a label the judge does not know can never be matched: -1 counts it as wrong, not as a crash
-        shape_true.append(judge.shapes.index(shape) if shape in judge.shapes else -1)
-        colour_true.append(judge.colours.index(colour) if colour in judge.colours else -1)
+        for name, values in judge.labels.items():
+            # a label the judge does not know can never be matched: -1 counts it as wrong, not as a crash
+            true[name].append(values.index(labels[name]) if labels[name] in values else -1)
         if len(batch) == PREDICT_BATCH:
             flush()
     if batch:
         flush()
-    result = _accuracy(*(np.asarray(v, np.int64) for v in (shape_pred, colour_pred, shape_true, colour_true)))
-    return {"split": split, **result}
+    as_arrays = lambda d: {name: np.asarray(v, np.int64) for name, v in d.items()}  # noqa: E731
+    return {"split": split, **label_accuracy(as_arrays(predicted), as_arrays(true))}

@@ -11,13 +11,21 @@ from PIL import Image
 from clipgen.config import DataConfig, WorldConfig
 from clipgen.data.shards import iter_shard, read_manifest, shard_paths
 from clipgen.data.world import (
+    ATTRIBUTES,
+    BLACK_BELOW,
     COLOUR_NAMES,
     COLOURS,
+    GREY_FROM,
+    LARGE_FROM,
+    LEVEL_MARGIN,
     SHAPES,
+    SIZE_MARGIN,
+    SMALL_BELOW,
     caption,
     ingest_world,
     iter_world_split,
     parse_combos,
+    prompt_attributes,
     render,
     sample_attributes,
     sample_rng,
@@ -122,11 +130,39 @@ def test_world_arrays_match_samples():
     world = small_world()
     arrays = world_arrays(world, "heldout", 32, n=10)
     assert arrays.images.shape == (10, 32, 32, 3) and arrays.images.dtype == np.uint8
-    assert arrays.shape_ids.dtype == np.int64 and arrays.colour_ids.dtype == np.int64
+    assert set(arrays.labels) == set(ATTRIBUTES) and all(v.dtype == np.int64 for v in arrays.labels.values())
+    meta_key = {"shape": "shape", "colour": "colour", "size": "size_word", "background": "background"}
     for i, sample in zip(range(10), iter_world_split(world, "heldout", 32), strict=False):
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample.image))), arrays.images[i])
-        assert SHAPES[arrays.shape_ids[i]] == sample.meta["shape"]
-        assert COLOUR_NAMES[arrays.colour_ids[i]] == sample.meta["colour"]
+        for name, values in ATTRIBUTES.items():
+            assert values[arrays.labels[name][i]] == sample.meta[meta_key[name]]
+
+
+def test_size_and_background_words_keep_a_margin_from_their_thresholds():
+    attrs = [sample_attributes(sample_rng(0, "train", i)) for i in range(3000)]
+    sizes = np.array([a.size for a in attrs])
+    assert np.abs(sizes[:, None] - np.array([SMALL_BELOW, LARGE_FROM])).min() >= SIZE_MARGIN
+    levels = np.array([np.mean(a.background_rgb) for a in attrs])  # the level plus the tint's mean
+    for name, low, high in (("black", 0, BLACK_BELOW - LEVEL_MARGIN), ("dark", BLACK_BELOW + LEVEL_MARGIN,
+                            GREY_FROM - LEVEL_MARGIN), ("grey", GREY_FROM + LEVEL_MARGIN, 255)):
+        chosen = levels[[a.background_name == name for a in attrs]]
+        assert len(chosen) > 300 and (chosen > low - 8.5).all() and (chosen < high + 8.5).all(), name
+    assert {a.size_word for a in attrs} == {"small", "medium-sized", "large"}
+
+
+def test_prompt_attributes_reads_every_word_a_caption_can_name():
+    assert prompt_attributes("a red circle") == {"colour": "red", "shape": "circle"}
+    assert prompt_attributes("A small Blue star on a grey background") == {
+        "size": "small", "colour": "blue", "shape": "star", "background": "grey"}
+    assert prompt_attributes("a black background with a medium-sized orange square")["background"] == "black"
+    assert prompt_attributes("a medium green triangle")["size"] == "medium-sized"
+    assert "background" not in prompt_attributes("a dark red circle")  # not followed by "background"
+    assert prompt_attributes("a cat") == {}
+    rng = np.random.default_rng(1)
+    for i in range(100):  # every caption's words are read back
+        attrs = sample_attributes(sample_rng(0, "captioned", i))
+        for name, word in prompt_attributes(caption(attrs, rng)).items():
+            assert attrs.label(name) == word
 
 
 def test_ingest_world_writes_readable_shards(tmp_path):

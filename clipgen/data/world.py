@@ -41,11 +41,22 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 135, 20),
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+SIZE_WORDS: tuple[str, ...] = ("small", "medium-sized", "large")
+BACKGROUND_NAMES: tuple[str, ...] = ("black", "dark", "grey")
+# every attribute a caption can name, with its values in label-id order (the judge has one head each)
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZE_WORDS,
+                                          "background": BACKGROUND_NAMES}
 SPLITS: tuple[str, ...] = ("captioned", "train", "heldout", "judge")
 SHARD_SPLITS: tuple[str, ...] = ("captioned", "train", "heldout")  # the judge split stays in memory
 
 MIN_SIZE, MAX_SIZE = 0.2, 0.42  # circumradius as a fraction of the image side
 SMALL_BELOW, LARGE_FROM = 0.27, 0.35  # size-word thresholds on that radius
+# Sizes and background levels this close to a word's threshold are redrawn, so every size and background word
+# can be read off its image: without the margins a third of a pixel of radius, or the tint, decided the word,
+# and even a well-trained judge named only 94% of sizes and 93% of backgrounds as the captions did.
+SIZE_MARGIN = 0.012
+BACKGROUND_LEVELS = (15.0, 85.0)  # mean grey level before the tint
+BLACK_BELOW, GREY_FROM, LEVEL_MARGIN = 35.0, 60.0, 5.0
 MARGIN = 0.02  # keeps antialiased edges off the border
 SUPERSAMPLE = 4
 COLOUR_JITTER = 12  # per-channel, so colour names cover a small range rather than one exact RGB
@@ -92,11 +103,36 @@ class Attributes:
     def combo(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    def label(self, attribute: str) -> str:
+        """The word a caption uses for ``attribute`` (a key of ATTRIBUTES)."""
+        return {"shape": self.shape, "colour": self.colour, "size": self.size_word,
+                "background": self.background_name}[attribute]
+
 
 class WorldArrays(NamedTuple):
     images: np.ndarray  # uint8 [N, H, W, 3]
-    shape_ids: np.ndarray  # int64 [N], indices into SHAPES
-    colour_ids: np.ndarray  # int64 [N], indices into COLOUR_NAMES
+    labels: dict[str, np.ndarray]  # attribute -> int64 [N], indices into ATTRIBUTES[attribute]
+
+
+def prompt_attributes(prompt: str) -> dict[str, str]:
+    """The world attributes a prompt names, e.g. ``{"size": "small", "colour": "red", "shape": "circle"}``.
+
+    Size words count as written in captions ("medium-sized"; a bare "medium" too); a background word counts
+    only when "background" follows it, so "a black ..." never reads as a background.
+    """
+    words = prompt.lower().replace(",", " ").split()
+    named = {}
+    for attribute in ("shape", "colour"):
+        found = [w for w in words if w in ATTRIBUTES[attribute]]
+        if found:
+            named[attribute] = found[0]
+    size = [w for w in words if w in SIZE_WORDS or w == "medium"]
+    if size:
+        named["size"] = "medium-sized" if size[0] == "medium" else size[0]
+    background = [w for w, after in zip(words, words[1:], strict=False) if w in BACKGROUND_NAMES and after.startswith("background")]
+    if background:
+        named["background"] = background[0]
+    return named
 
 
 # ------------------------------------------------------------------------------------ attributes
@@ -117,11 +153,20 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
+def _away_from(rng: np.random.Generator, low: float, high: float, thresholds: tuple[float, ...],
+               margin: float) -> float:
+    """Uniform on ``[low, high)`` without the values within ``margin`` of a threshold (redrawn)."""
+    while True:
+        value = float(rng.uniform(low, high))
+        if all(abs(value - t) >= margin for t in thresholds):
+            return value
+
+
 def _background(rng: np.random.Generator) -> tuple[tuple[int, int, int], str]:
     # Dark and only faintly tinted, so every shape colour stands out by both brightness and hue.
-    level = rng.uniform(15, 85)
+    level = _away_from(rng, *BACKGROUND_LEVELS, (BLACK_BELOW, GREY_FROM), LEVEL_MARGIN)
     rgb = tuple(int(round(level + t)) for t in rng.uniform(-8, 8, size=3))
-    name = "black" if level < 35 else "dark" if level < 60 else "grey"
+    name = "black" if level < BLACK_BELOW else "dark" if level < GREY_FROM else "grey"
     return rgb, name
 
 
@@ -132,7 +177,7 @@ def sample_attributes(rng: np.random.Generator, excluded: frozenset[str] = froze
         colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
         if f"{colour} {shape}" not in excluded:
             break
-    size = float(rng.uniform(MIN_SIZE, MAX_SIZE))
+    size = _away_from(rng, MIN_SIZE, MAX_SIZE, (SMALL_BELOW, LARGE_FROM), SIZE_MARGIN)
     cx, cy = (float(v) for v in rng.uniform(size + MARGIN, 1 - size - MARGIN, size=2))
     rotation = float(rng.uniform(0, ROTATION_PERIOD[shape]))
     background_rgb, background_name = _background(rng)
@@ -240,9 +285,9 @@ def _arrays_chunk(job: tuple[WorldConfig, str, int, int, int]) -> WorldArrays:
     attrs = [split_attributes(world, split, i)[0] for i in range(start, stop)]
     images = np.stack([render_array(a, image_size) for a in attrs]) if attrs else \
         np.zeros((0, image_size, image_size, 3), np.uint8)
-    shape_ids = np.array([SHAPES.index(a.shape) for a in attrs], np.int64)
-    colour_ids = np.array([COLOUR_NAMES.index(a.colour) for a in attrs], np.int64)
-    return WorldArrays(images, shape_ids, colour_ids)
+    labels = {name: np.array([values.index(a.label(name)) for a in attrs], np.int64)
+              for name, values in ATTRIBUTES.items()}
+    return WorldArrays(images, labels)
 
 
 CHUNK = 2000  # samples per worker job: large enough to amortise process start, small enough to stream
@@ -278,7 +323,8 @@ def world_arrays(world: WorldConfig, split: str, image_size: int, n: int | None 
     chunks = list(_map_chunks(_arrays_chunk, world, split, image_size, n, workers))
     if not chunks:
         return _arrays_chunk((world, split, image_size, 0, 0))
-    return WorldArrays(*(np.concatenate(parts) for parts in zip(*chunks, strict=True)))
+    return WorldArrays(np.concatenate([c.images for c in chunks]),
+                       {name: np.concatenate([c.labels[name] for c in chunks]) for name in ATTRIBUTES})
 
 
 def ingest_world(data: DataConfig, root: Path) -> dict:

@@ -28,7 +28,7 @@ def build_vqgan(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map
     shards, size = inputs["shards"].path, cfg.data.image_size
     held = load_split_images(shards, "heldout", size)
     result = fit(cfg.vqgan, cfg.train, open_images(shards, "train", size, workers=cfg.data.workers), out,
-                 heldout=held.images)
+                 heldout=held.images, cpu_threads=cfg.train.cpu_threads)
     summary = dict(result.summary)
     judge = load_judge_if_any(cfg)
     if judge is not None:
@@ -37,23 +37,24 @@ def build_vqgan(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map
 
 
 def reconstruction_agreement(model, judge, images: np.ndarray) -> dict[str, float]:
-    """How often the judge reads the same shape and colour in the reconstruction as in the original."""
+    """How often the judge reads the same attribute in the reconstruction as in the original, per attribute and
+    for shape and colour together (``both``)."""
     import torch
 
     from clipgen.data.images_array import to_model_input, to_uint8
 
-    agree_shape = agree_colour = agree_both = 0
+    agree = {name: 0 for name in (*judge.labels, "both")}
     with torch.no_grad():
         for start in range(0, len(images), 256):
             batch = images[start:start + 256]
             recon = to_uint8(model.decode_indices(model.encode(to_model_input(torch.from_numpy(batch))))).numpy()
-            s0, c0 = judge.predict_ids(batch)
-            s1, c1 = judge.predict_ids(recon)
-            agree_shape += int((s0 == s1).sum())
-            agree_colour += int((c0 == c1).sum())
-            agree_both += int(((s0 == s1) & (c0 == c1)).sum())
+            before, after = judge.predict_ids(batch), judge.predict_ids(recon)
+            same = {name: before[name] == after[name] for name in judge.labels}
+            for name, hit in same.items():
+                agree[name] += int(hit.sum())
+            agree["both"] += int((same["shape"] & same["colour"]).sum())
     n = max(1, len(images))
-    return {"shape": agree_shape / n, "colour": agree_colour / n, "both": agree_both / n, "images": len(images)}
+    return {**{name: count / n for name, count in agree.items()}, "images": len(images)}
 
 
 def tokens_config(cfg: PipelineConfig) -> dict[str, Any]:
