@@ -139,7 +139,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from clipgen.generate import check_prompts, generate, write_outputs
+    from clipgen.generate import check_prompts, generate, judged_per_prompt, write_outputs
     from clipgen.stages.generate import load_generator
 
     prompts = check_prompts(args.prompts)  # a bad prompt fails before any model loads
@@ -152,14 +152,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generate(load_generator(cfg), prompts, settings)
     table = write_outputs(result, args.out)
     print(f"{len(result.images)} images and {table.name} in {args.out}")
+    judged = judged_per_prompt(result) if result.verdict is not None else {}
     for prompt in prompts:
         rows = [i for i, p in enumerate(result.prompts) if p == prompt]
         line = f"  {prompt!r}: CLIP score {result.clip_scores[rows].mean():.1f}"
-        if result.shapes is not None:
-            from clipgen.generate import prompt_matches
-
-            hits = sum(prompt_matches(prompt, result.shapes[i], result.colours[i]) for i in rows)
-            line += f", judge agrees on {hits}/{len(rows)}"
+        named = {k: v for k, v in judged.get(prompt, {}).items() if k != "both" and v is not None}
+        if named:
+            line += ", judge agrees on " + ", ".join(f"{k} {round(v * len(rows))}/{len(rows)}" for k, v in named.items())
         print(line)
     return 0
 

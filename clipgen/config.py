@@ -157,6 +157,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = runtime_only(50)
     ckpt_every: int = runtime_only(500)
+    # torch threads per training process on CPU; null = the cores that are free when training starts. Pin it
+    # for reproducible bf16 results (their summation order depends on it) or beside other work.
+    cpu_threads: int | None = runtime_only(None)
 
 
 @dataclass
@@ -341,11 +344,16 @@ def validate(cfg: PipelineConfig) -> None:
     _check(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
     _check(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
     _check(0.0 <= s.knn_blend <= 1.0, "sample.knn_blend", "must be in [0, 1]")
+    _check(s.knn_k >= 1, "sample.knn_k", "must be >= 1")
+    _check(s.bridge != "noise" or (g.bridge == "noise" and g.noise_level > 0), "sample.bridge",
+           "noise adds the transformer's training noise (gpt.noise_level with gpt.bridge: noise), and this "
+           "transformer is trained without it; choose none or knn, or train with gpt.bridge: noise")
     trained = {"vqgan": cfg.vqgan, "gpt": cfg.gpt, "data.judge": cfg.data.judge, "clip.toy": cfg.clip.toy}
     for name, section in trained.items():
         _check(section.steps > 0, f"{name}.steps", "must be > 0")
         _check(section.batch_size > 0, f"{name}.batch_size", "must be > 0")
     _check(cfg.train.devices >= 1 and cfg.train.nodes >= 1, "train.devices", "devices and nodes must be >= 1")
+    _check(cfg.train.cpu_threads is None or cfg.train.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
 
 
 def to_dict(section: Any, output_only: bool = False) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 :func:`generate` is a function over loaded models (:class:`Generator`); it never changes them. It
 
 1. encodes the prompts with the CLIP text tower;
-2. bridges each text embedding towards the image embeddings the transformer was trained on:
-   ``none``; ``noise`` (the training-time LAFITE perturbation at the configured level); or ``knn``:
-   ``normalize((1 - w) * text + w * mean(k nearest image embeddings))`` from the faiss index;
+2. bridges the text embedding of every draw on its own towards the image embeddings the transformer was
+   trained on: ``none``; ``noise`` (the training-time LAFITE perturbation at the transformer's level, fresh
+   noise per draw); or ``knn``: ``normalize((1 - w) * text + w * neighbour)`` with the neighbour drawn per
+   draw among the ``k`` image embeddings nearest the text (faiss index);
 3. samples token grids with the KV cache, temperature, top-k, top-p and classifier-free guidance;
 4. decodes them with the VQGAN;
 5. optionally draws ``rerank_candidates`` per image and keeps the one whose CLIP image embedding is
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 
 from clipgen.config import ConfigError, SampleConfig
 from clipgen.data.images_array import to_uint8
+from clipgen.data.world import ATTRIBUTES
+from clipgen.judge import accuracy_of, prompt_hits
 from clipgen.models.gpt import bridge as noise_bridge
 from clipgen.sample import Sampling, sample_tokens
 
@@ -54,8 +57,7 @@ class Generated(NamedTuple):
     prompts: list[str]  # one per image
     draws: list[int]  # each image's position in the run's sequence of draws (its file name's number)
     clip_scores: np.ndarray  # [P * n]
-    shapes: list[str] | None  # the judge's verdicts, where a judge exists
-    colours: list[str] | None
+    verdict: Any  # clipgen.judge.JudgeVerdict (shape, colour, size, background per image), where a judge exists
     settings: dict[str, Any]
 
 
@@ -91,7 +93,10 @@ def warn_truncated(clip, prompts: list[str]) -> list[int]:
 
 def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
-    """Move unit-norm text embeddings ``[P, D]`` towards the image-embedding distribution."""
+    """Move unit-norm text embeddings ``[R, D]`` towards the image-embedding distribution, each row on its own
+    draw: ``noise`` adds fresh noise per row, ``knn`` blends in one neighbour per row, drawn at random among the
+    ``knn_k`` image embeddings nearest that row's text. So repeated rows of one prompt get different conditions,
+    and the draws of a prompt spread over the images it describes instead of repeating one picture."""
     if s.bridge == "none":
         return text
     if s.bridge == "noise":
@@ -102,9 +107,11 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
         raise ValueError("sample.bridge: knn needs the embedding cache's faiss index; none was loaded")
     from clipgen.index import search
 
-    found = search(gen.index, text.float().cpu().numpy(), s.knn_k)
-    rows = np.where(found.rows >= 0, found.rows, 0)
-    neighbours = torch.from_numpy(gen.index_vectors[rows].mean(axis=1)).to(text)
+    unique, row_of = torch.unique(text, dim=0, return_inverse=True)  # search each distinct text once
+    found = search(gen.index, unique.float().cpu().numpy(), s.knn_k)
+    pick = torch.randint(s.knn_k, (len(text),), generator=generator, device=text.device).cpu()
+    rows = found.rows[row_of.cpu().numpy(), pick.numpy()]
+    neighbours = torch.from_numpy(gen.index_vectors[np.where(rows >= 0, rows, 0)]).to(text)
     return F.normalize((1 - s.knn_blend) * text + s.knn_blend * F.normalize(neighbours, dim=-1), dim=-1)
 
 
@@ -119,38 +126,37 @@ def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: in
     warn_truncated(gen.clip, prompts)
     device = next(gen.gpt.parameters()).device
     text = gen.clip.encode_texts(prompts).to(device)
-    cond = bridge_text(gen, text, s, torch.Generator(device=device).manual_seed(s.seed))
-    images, scores, draws = draw(gen, cond, text, s, batch_size)
-    shapes = colours = None
-    if gen.judge is not None:
-        verdict = gen.judge.predict(images)
-        shapes, colours = verdict.shapes, verdict.colours
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(s.n_per_prompt * max(1, s.rerank_candidates))
+    cond = bridge_text(gen, text[rows], s, torch.Generator(device=device).manual_seed(s.seed))
+    images, scores, draws = draw(gen, cond, text[rows], s, batch_size)
+    verdict = gen.judge.predict(images) if gen.judge is not None else None
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "prompts"} | {"batch_size": batch_size}
     return Generated(images, [p for p in prompts for _ in range(s.n_per_prompt)], draws, scores.numpy(),
-                     shapes, colours, settings)
+                     verdict, settings)
 
 
 @torch.no_grad()
 def draw(gen: Generator, cond: torch.Tensor, target: torch.Tensor, s: SampleConfig, batch_size: int = 256
          ) -> tuple[np.ndarray, torch.Tensor, list[int]]:
-    """``s.n_per_prompt`` images for each condition ``[P, D]``: uint8 images (condition-major), their CLIP
-    scores against ``target`` ``[P, D]`` (the prompt's text embedding, or the conditioning image's), and
-    each kept image's position in the sequence of draws. With ``s.rerank_candidates`` > 1, that many are
-    drawn per image and the one with the best score is kept.
+    """One image per condition row ``cond`` ``[R, D]``: uint8 images, their CLIP scores against ``target``
+    ``[R, D]`` (the prompt's text embedding, or the conditioning image's), and each kept image's position in
+    the sequence of draws. With ``s.rerank_candidates`` > 1, each consecutive group of that many rows is one
+    image's candidates, and the one with the best score is kept.
     """
     device = cond.device
-    n, candidates = s.n_per_prompt, max(1, s.rerank_candidates)
-    rows = torch.arange(len(cond), device=device).repeat_interleave(n * candidates)
+    candidates = max(1, s.rerank_candidates)
+    if len(cond) % candidates:
+        raise ValueError(f"{len(cond)} condition rows do not split into groups of {candidates} candidates")
     side = gen.vqgan.grid_size
     generator = torch.Generator(device=device).manual_seed(s.seed)
     images = []
-    for start in range(0, len(rows), batch_size):  # fixed batches, drawn in order from one generator
-        part = rows[start:start + batch_size]
-        tokens = sample_tokens(gen.gpt, cond[part], sampling_of(s), generator)
+    for start in range(0, len(cond), batch_size):  # fixed batches, drawn in order from one generator
+        part = cond[start:start + batch_size]
+        tokens = sample_tokens(gen.gpt, part, sampling_of(s), generator)
         images.append(to_uint8(gen.vqgan.decode_indices(tokens.view(len(part), side, side))))
-    pixels = torch.cat(images)  # uint8 [P * n * c, H, W, 3]
-    scores = clip_scores(gen.clip, pixels.numpy(), target.cpu()[rows.cpu()])
-    index = torch.arange(len(rows))
+    pixels = torch.cat(images)  # uint8 [R, H, W, 3]
+    scores = clip_scores(gen.clip, pixels.numpy(), target.cpu())
+    index = torch.arange(len(cond))
     if candidates > 1:  # keep the best of each consecutive group of candidates
         index = scores.view(-1, candidates).argmax(1) + torch.arange(0, len(scores), candidates)
         pixels, scores = pixels[index], scores[index]
@@ -171,14 +177,15 @@ def write_outputs(result: Generated, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     seed = result.settings["seed"]
+    hits = prompt_hits(result.prompts, result.verdict) if result.verdict is not None else None
     for i, (prompt, draw) in enumerate(zip(result.prompts, result.draws, strict=True)):
         name = f"{_slug(prompt)}_s{seed}_{draw:05d}.png"
         Image.fromarray(result.images[i]).save(out_dir / name)
         row = {"file": name, "prompt": prompt, "seed": seed, "draw": draw,
                "clip_score": round(float(result.clip_scores[i]), 3)}
-        if result.shapes is not None:
-            row.update(judge_shape=result.shapes[i], judge_colour=result.colours[i],
-                       judge_match=prompt_matches(prompt, result.shapes[i], result.colours[i]))
+        if hits is not None:  # what the judge read, and whether it is everything the prompt names
+            row.update({f"judge_{attr}": result.verdict.of(attr)[i] for attr in ATTRIBUTES})
+            row["judge_match"] = all(h[i] != 0.0 for h in hits.values())
         rows.append(row)
     with open(out_dir / "samples.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -192,14 +199,9 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60] or "prompt"
 
 
-def prompt_matches(prompt: str, shape: str, colour: str) -> bool:
-    """Whether the judge's verdict is the shape and colour the prompt names."""
-    words = set(prompt.lower().replace(",", " ").split())
-    return shape in words and colour in words
-
-
-def judged_per_prompt(result: Generated) -> dict[str, float]:
-    """Per prompt, the fraction of its images whose judged shape and colour match it (needs the judge)."""
-    ok = np.array([prompt_matches(p, s, c) for p, s, c in zip(result.prompts, result.shapes, result.colours, strict=True)])
+def judged_per_prompt(result: Generated) -> dict[str, dict[str, float | None]]:
+    """Per prompt, the judge's accuracy on each attribute it names (None where it names none) and on shape and
+    colour together (``both``). Needs the judge."""
+    hits = prompt_hits(result.prompts, result.verdict)
     prompts = np.array(result.prompts, dtype=object)
-    return {p: float(ok[prompts == p].mean()) for p in dict.fromkeys(result.prompts)}
+    return {p: {name: accuracy_of(h[prompts == p]) for name, h in hits.items()} for p in dict.fromkeys(result.prompts)}

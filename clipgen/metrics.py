@@ -13,8 +13,9 @@ nearest-neighbour memorisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,33 +40,31 @@ class UInt8Images(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
 
 
-# A torch-fidelity extractor is built by name from its registry, so the CLIP it wraps is looked up here.
-_EXTRACTOR_CLIPS: dict[str, Any] = {}
+# A torch-fidelity extractor is built by name from its registry, so the function it wraps is looked up here.
+_EXTRACTORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
 
-def register_clip_extractor(clip, name: str) -> str:
-    """Register (or rebind) torch-fidelity feature extractor ``name`` over ``clip``'s image encoder.
-
-    Its one feature, ``clip``, is the unit-norm image embedding of the image at the CLIP's own input size.
-    """
+def register_extractor(name: str, embed: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    """Register (or rebind) torch-fidelity feature extractor ``name`` over ``embed``, which maps uint8 images
+    ``[B, H, W, 3]`` to features ``[B, F]``; its one feature is called ``features``."""
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-    class ClipImageFeatures(FeatureExtractorBase):
+    class ImageFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):
             super().__init__(name, features_list)
 
         def forward(self, x: torch.Tensor):
-            pixels = x.permute(0, 2, 3, 1).cpu()  # [B, H, W, 3] uint8; ClipModel resizes if needed
-            return (_EXTRACTOR_CLIPS[self.name].encode_images(pixels).float().cpu(),)
+            pixels = x.permute(0, 2, 3, 1).cpu()  # [B, H, W, 3] uint8
+            return (_EXTRACTORS[self.name](pixels).float().cpu(),)
 
         @staticmethod
         def get_provided_features_list():
-            return ("clip",)
+            return ("features",)
 
         @staticmethod
         def get_default_feature_layer_for_metric(metric):
-            return "clip"
+            return "features"
 
         @staticmethod
         def can_be_compiled():
@@ -75,10 +74,21 @@ def register_clip_extractor(clip, name: str) -> str:
         def get_dummy_input_for_compile():
             return None
 
-    _EXTRACTOR_CLIPS[name] = clip
+    _EXTRACTORS[name] = embed
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(name, ClipImageFeatures)
+        register_feature_extractor(name, ImageFeatures)
     return name
+
+
+def register_clip_extractor(clip, name: str) -> str:
+    """An extractor over ``clip``'s unit-norm image embedding (at the CLIP's own input size)."""
+    return register_extractor(name, clip.encode_images)
+
+
+def register_judge_extractor(judge, name: str) -> str:
+    """An extractor over the shapes judge's penultimate features: a space that generation never optimises
+    (the run's CLIP conditions and re-ranks the samples; the judge never touches them)."""
+    return register_extractor(name, judge.features)
 
 
 def fidelity_metrics(generated: np.ndarray, reference: np.ndarray, extractor: str, *, cuda: bool = False,

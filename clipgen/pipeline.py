@@ -49,8 +49,8 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("shards", "ingest", "shards", (), "1", ingest.shards_config, ingest.build_shards),
-    Step("judge", "ingest", "judge", (), "1", ingest.judge_config, ingest.build_judge,
+    Step("shards", "ingest", "shards", (), "2", ingest.shards_config, ingest.build_shards),
+    Step("judge", "ingest", "judge", (), "2", ingest.judge_config, ingest.build_judge,
          applies=lambda cfg: cfg.data.source == "world"),
     Step("toyclip", "pretrain-clip", "ckpt/clip", ("shards",), "1", embed.toyclip_config, embed.build_toyclip,
          applies=lambda cfg: cfg.clip.model == "toy-clip"),
@@ -64,10 +64,10 @@ STEPS: tuple[Step, ...] = (
     # ids already cover them
     Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "2", gpt.gpt_config,
          gpt.build_gpt, distributed=True),
-    Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "1",
+    Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "2",
          generate.generate_config, generate.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
-    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "2",
+    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "3",
          evaluate.evaluate_config, evaluate.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}

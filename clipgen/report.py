@@ -24,16 +24,31 @@ from clipgen.artifacts import Artifact, write_json_atomic, write_text_atomic
 GRID_SCALE = 2  # small world images are upscaled (nearest) so shapes are visible on screen
 CURVE_STAGES = {"toyclip": "toy CLIP (contrastive)", "vqgan": "VQGAN tokenizer", "gpt": "transformer"}
 TABLE_COLUMNS = (("fd", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
-                 ("clip_score", "CLIP score ↑"), ("r_precision", "R-precision ↑"), ("judge_both", "judge: both ↑"),
+                 ("fd_judge", "FD, judge space ↓"), ("precision_judge", "precision, judge space ↑"),
+                 ("recall_judge", "recall, judge space ↑"), ("clip_score", "CLIP score ↑"),
+                 ("r_precision", "R-precision ↑"), ("judge_both", "judge: both ↑"),
                  ("nn_similarity_median", "NN cos (median)"), ("memorised_fraction", "memorised"))
 
 # The report's headline numbers, in the order and with the words the end of a run prints them.
 HEADLINE_LABELS = {
-    "judge_seen": "judge accuracy, seen combinations",
-    "judge_held_out": "judge accuracy, held-out combinations",
+    "judge_seen": "judge accuracy (shape and colour), seen combinations",
+    "judge_held_out": "judge accuracy (shape and colour), held-out combinations",
+    "judge_shape": "judge accuracy: shape",
+    "judge_colour": "judge accuracy: colour",
+    "judge_size": "judge accuracy: size (prompts that name one)",
+    "judge_background": "judge accuracy: background (prompts that name one)",
     "fd_samples": "FD of samples (run's CLIP space)",
     "fd_floor_real": "FD of real train images (floor)",
     "fd_ceiling_random": "FD of random token grids (ceiling)",
+    "fd_over_floor": "FD of samples / floor",
+    "fd_judge_samples": "FD of samples (judge's feature space, never optimised)",
+    "fd_judge_floor_real": "FD of real train images, judge space (floor)",
+    "fd_judge_ceiling_random": "FD of random token grids, judge space (ceiling)",
+    "fd_judge_over_floor": "FD of samples / floor, judge space",
+    "precision": "precision (run's CLIP space)",
+    "recall": "recall (run's CLIP space)",
+    "precision_real": "precision of real train images (reference)",
+    "recall_real": "recall of real train images (reference)",
     "clip_score": "CLIP score",
     "r_precision": "CLIP R-precision",
     "memorised_fraction": "samples above the memorisation threshold",
@@ -136,18 +151,21 @@ def images_by_key(shard_root: Path, split: str, keys: list[str], image_size: int
     return found
 
 
-def write_report(out: Path, cfg, metrics: dict[str, Any], result, neighbours: dict[str, Any], held, shards: Path,
-                 inputs: dict[str, Artifact]) -> Path:
-    """Write every figure, ``metrics.json`` and ``index.html`` into ``out``; returns the page's path."""
+def write_report(out: Path, cfg, metrics: dict[str, Any], results: list, neighbours: dict[str, Any], held,
+                 shards: Path, inputs: dict[str, Artifact]) -> Path:
+    """Write every figure, ``metrics.json`` and ``index.html`` into ``out``; returns the page's path.
+    ``results`` are the generated sets (clipgen.generate.Generated), the evaluation prompts' first."""
     out = Path(out)
     figures: dict[str, Any] = {"prompts": [], "curves": [], "pairs": []}
     per_prompt = metrics.get("per_prompt") or {}
-    prompts = np.array(result.prompts, dtype=object)
     held_out = [c.lower() for c in cfg.data.world.held_out_combos] if cfg.data.source == "world" else []
-    for i, prompt in enumerate(dict.fromkeys(result.prompts)):
-        name = save_grid(result.images[prompts == prompt], out / f"prompt_{i:03d}.png")
-        label = f"{prompt} (held-out combination)" if any(c in prompt.lower() for c in held_out) else prompt
-        figures["prompts"].append((label, name, per_prompt.get(prompt)))
+    for result in results:  # every draw of each prompt, in the order drawn (never sorted by score)
+        prompts = np.array(result.prompts, dtype=object)
+        for prompt in dict.fromkeys(result.prompts):
+            name = save_grid(result.images[prompts == prompt], out / f"prompt_{len(figures['prompts']):03d}.png")
+            label = f"{prompt} (held-out combination)" if any(c in prompt.lower() for c in held_out) else prompt
+            figures["prompts"].append((label, name, per_prompt.get(prompt)))
+    result = results[0]
     n_anchor = min(16, len(held.images))
     figures["anchors"] = save_grid(held.images[:n_anchor], out / "real_heldout.png")
     for step, title in CURVE_STAGES.items():
@@ -180,15 +198,22 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _judged_words(accuracy: dict[str, float | None] | None) -> str:
+    """A prompt's judge accuracy per attribute it names, e.g. 'judge: shape 100%, colour 94%, size 81%'."""
+    if not accuracy:
+        return ""
+    named = [f"{name} {value:.0%}" for name, value in accuracy.items() if name != "both" and value is not None]
+    return "judge: " + ", ".join(named)
+
+
 def render_html(m: dict[str, Any], figures: dict[str, Any], config_text: str) -> str:
     e = html.escape
     head = "".join(f"<th>{e(label)}</th>" for _, label in TABLE_COLUMNS)
     body = "".join(f"<tr><th>{e(name)}</th>" + "".join(f"<td>{_fmt(row.get(k))}</td>" for k, _ in TABLE_COLUMNS) + "</tr>"
                    for name, row in m["rows"].items())
     headline = "".join(f"<li>{e(HEADLINE_LABELS.get(k, k))}: <b>{_fmt(v)}</b></li>" for k, v in m["headline"].items())
-    grids = "".join(f"<figure><img src='{name}' alt='{e(p)}'><figcaption>{e(p)}"
-                    + (f" — judge {acc:.0%}" if acc is not None else "") + "</figcaption></figure>"
-                    for p, name, acc in figures["prompts"])
+    grids = "".join(f"<figure><img src='{name}' alt='{e(p)}'><figcaption>{e(p)}<br>{_judged_words(acc)}"
+                    "</figcaption></figure>" for p, name, acc in figures["prompts"])
     curves = "".join(f"<figure><img src='{name}' alt='{e(t)}'></figure>" for t, name in figures["curves"])
     pairs = "".join(f"<figure><img src='{name}'><figcaption>{e(p)} · cos {s:.3f}<br>train {e(k)}</figcaption></figure>"
                     for name, p, k, s in figures["pairs"])
@@ -211,8 +236,10 @@ The <i>real images</i> row measures real train images against the held-out set (
 for the other columns; <i>random token grids</i> is the ceiling.</p>
 <table><tr><th></th>{head}</tr>{body}</table>{extra}
 <p>Tokenizer: PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['code_usage'])},
-reconstruction FD {_fmt(tok['reconstruction_fd'])}.</p>
-<h2>Samples per prompt</h2>{grids}
+reconstruction FD {_fmt(tok['reconstruction_fd'])} (judge space {_fmt(tok.get('reconstruction_fd_judge'))}).</p>
+<h2>Samples per prompt</h2>
+<p>Every image drawn for each prompt, in the order drawn (never sorted by a score), so diversity shows. The
+prompts that name a size and a background measure the judge's size and background accuracy.</p>{grids}
 <h3>Held-out real images</h3><figure><img src='{figures['anchors']}'></figure>
 <h2>Training curves</h2>{curves}
 <h2>Memorisation</h2>

@@ -120,15 +120,26 @@ def test_report_builds_and_every_linked_image_exists(tiny_run):
     out = tiny_run.run_path / "report" / result["id"]
     page = (out / "index.html").read_text()
     links = re.findall(r"src='([^']+)'", page)
-    assert len(links) >= 24 + 1 + 3, links  # a grid per prompt, the real images, the curves, the histogram
+    # a grid per prompt (24 colour-shape pairs, 24 that also name a size and a background), the real images,
+    # the curves, the histogram
+    assert len(links) >= 48 + 1 + 3, links
     assert all((out / link).is_file() for link in links), [link for link in links if not (out / link).is_file()]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["rows"]) == {"samples", "real images", "VQGAN reconstructions", "random token grids"}
-    assert len(metrics["prompts"]) == 24 and metrics["images_per_set"] == 24
+    assert len(metrics["prompts"]) == 48 and metrics["images_per_set"] == 24
+    head = metrics["headline"]
+    for key in ("judge_shape", "judge_colour", "judge_size", "judge_background", "precision", "recall",
+                "fd_judge_samples", "fd_judge_floor_real", "fd_judge_ceiling_random", "fd_over_floor"):
+        assert head[key] is not None and np.isfinite(head[key]), key
+    assert head["fd_judge_over_floor"] == pytest.approx(head["fd_judge_samples"] / head["fd_judge_floor_real"])
+    named = metrics["judge"]["attribute prompts"]
+    assert named["images"] == 24 and named["size"] is not None and metrics["judge"]["samples"]["size"] is None
+    assert set(metrics["per_prompt"]["a small red circle on a black background"]) >= {"size", "background", "both"}
     assert metrics["scoring_clip_independent"] is False and "flattering" in metrics["scoring_clip"]
     assert "not Inception FID" in metrics["feature_space"]
     for row in metrics["rows"].values():
-        assert all(np.isfinite(row[k]) for k in ("fd", "kid", "precision", "recall", "clip_score", "r_precision"))
+        assert all(np.isfinite(row[k]) for k in ("fd", "kid", "precision", "recall", "clip_score", "r_precision",
+                                                  "fd_judge", "precision_judge", "recall_judge"))
     assert metrics["judge"]["real images"]["both"] >= 0 and metrics["memorisation"]["samples"]["images"] == 24
     assert metrics["ids"]["gpt"] and metrics["tokenizer"]["reconstruction_fd"] >= 0
     assert run_step(cfg, "report")["skipped"]  # a second run is cached

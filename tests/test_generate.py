@@ -26,7 +26,7 @@ def test_same_seed_same_images_other_seed_other_images(gen, tiny_run):
     assert a.images.shape == (6, 32, 32, 3) and a.images.dtype == np.uint8
     assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
     assert a.prompts == ["a red circle"] * 3 + ["a blue star"] * 3
-    assert a.shapes is not None and len(a.shapes) == 6 and (a.clip_scores >= 0).all()
+    assert a.verdict is not None and len(a.verdict.shapes) == 6 and (a.clip_scores >= 0).all()
 
 
 def test_rerank_keeps_the_clip_best_of_each_group(gen, tiny_run):
@@ -46,6 +46,28 @@ def test_bridges_move_the_text_embedding_towards_the_images(gen, tiny_run):
     images = torch.from_numpy(gen.index_vectors)
     assert (images @ knn[0]).max() > (images @ text[0]).max()  # now closer to some training image
     assert torch.allclose(knn.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("bridge", ["noise", "knn"])
+def test_each_draw_of_a_prompt_gets_its_own_bridged_condition(gen, tiny_run, bridge):
+    text = gen.clip.encode_texts(["a red circle", "a blue star"]).repeat_interleave(4, 0)  # 4 draws per prompt
+    s = dataclasses.replace(tiny_run.sample, bridge=bridge, knn_k=8, knn_blend=0.5)
+    g = gen._replace(noise_level=0.3)
+    cond = bridge_text(g, text, s, torch.Generator().manual_seed(0))
+    assert cond.shape == text.shape and torch.allclose(cond.norm(dim=-1), torch.ones(8), atol=1e-5)
+    for rows in (cond[:4], cond[4:]):  # the draws of one prompt differ from each other ...
+        assert len(torch.unique(rows, dim=0)) > 1
+        assert (rows @ rows.T).min() > 0.5  # ... but stay near one another
+    again = bridge_text(g, text, s, torch.Generator().manual_seed(0))
+    assert torch.equal(cond, again)  # and are reproducible from the seed
+
+
+def test_sampling_noise_without_training_noise_is_a_config_error():
+    from clipgen.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sample.bridge: noise adds the transformer's training noise"):
+        load_config("pipelines/shapes.yaml", ["gpt.bridge=none", "sample.bridge=noise"])
+    assert load_config("pipelines/shapes.yaml", ["gpt.bridge=noise", "sample.bridge=noise"]).sample.bridge == "noise"
 
 
 def test_bad_prompts_are_refused_with_a_reason():

@@ -59,6 +59,18 @@ def world_prompt(colour: str, shape: str) -> str:
     return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
 
 
+def attribute_prompts() -> list[str]:
+    """One prompt per colour-shape pair of the world that also names a size and a background, cycling through
+    all nine (size, background) pairs: what the judge's size and background accuracy is measured on."""
+    from clipgen.data.world import BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, SIZE_WORDS
+
+    prompts = []
+    for i, (colour, shape) in enumerate((c, s) for c in COLOUR_NAMES for s in SHAPES):
+        size, background = SIZE_WORDS[i % 3], BACKGROUND_NAMES[(i // 3) % 3]
+        prompts.append(f"{'an' if size[0] in 'aeiou' else 'a'} {size} {colour} {shape} on a {background} background")
+    return prompts
+
+
 def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
     from clipgen.generate import check_prompts
 
@@ -140,32 +152,45 @@ def text_alignment(clip, sets: list[ImageSet], image_emb: dict[str, torch.Tensor
 
 
 def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
-    """Judge accuracy per attribute, and on both, for seen and held-out combinations."""
-    verdict = judge.predict(s.images)
-    colour_ok = np.array([c == g[0] for c, g in zip(verdict.colours, s.groups, strict=True)])
-    shape_ok = np.array([sh == g[1] for sh, g in zip(verdict.shapes, s.groups, strict=True)])
-    both = colour_ok & shape_ok
+    """Judge accuracy on every attribute the texts name (over the texts that name it; None where none does),
+    on shape and colour together (``both``), and on both for seen and held-out combinations."""
+    from clipgen.judge import accuracy_of, prompt_hits
+
+    hits = prompt_hits(s.texts, judge.predict(s.images))
     held = {tuple(c.lower().split()) for c in held_combos}
     is_held = np.array([g in held for g in s.groups])
-    return {"shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()), "both": float(both.mean()),
-            "seen": float(both[~is_held].mean()) if (~is_held).any() else None,
-            "held_out": float(both[is_held].mean()) if is_held.any() else None, "images": len(both)}
+    return {**{name: accuracy_of(h) for name, h in hits.items()}, "seen": accuracy_of(hits["both"][~is_held]),
+            "held_out": accuracy_of(hits["both"][is_held]), "images": len(s.texts)}
 
 
-def fidelity_rows(cfg: PipelineConfig, clip, sets: list[ImageSet], train_real: np.ndarray, reference: np.ndarray,
-                  embeddings_id: str) -> tuple[dict[str, dict], dict[str, dict] | None]:
-    """FD/KID/PR of every set against the held-out ``reference`` in the run's CLIP space (the real-images row
-    measures train images: the floor), and Inception FID/IS of samples and real images when configured."""
-    from clipgen.metrics import fidelity_metrics, inception_metrics, register_clip_extractor
+def fidelity_rows(cfg: PipelineConfig, gen, sets: list[ImageSet], train_real: np.ndarray, reference: np.ndarray,
+                  ids: dict[str, str]) -> tuple[dict[str, dict], dict[str, dict] | None]:
+    """FD/KID/PR of every set against the held-out ``reference`` (the real-images row measures train images: the
+    floor) in the run's CLIP space, and as ``fd_judge`` etc. in the judge's feature space where there is a judge;
+    plus Inception FID/IS of samples and real images when configured."""
+    from clipgen.metrics import (
+        fidelity_metrics,
+        inception_metrics,
+        register_clip_extractor,
+        register_judge_extractor,
+    )
 
-    cuda = clip.device.type == "cuda"
-    extractor = register_clip_extractor(clip, f"clipgen-clip-{embeddings_id}")
-    cache = {"cache_root": cfg.run_path / "cache" / "fidelity", "reference_cache_name": f"heldout-{embeddings_id}"}
-    fidelity = {s.name: fidelity_metrics(train_real if s.name == "real images" else s.images, reference, extractor,
-                                         cuda=cuda, **cache) for s in sets}
+    cuda = gen.clip.device.type == "cuda"
+    root = cfg.run_path / "cache" / "fidelity"
+    reference_name = f"heldout{len(reference)}-{ids['shards']}"  # the first len(reference) held-out images
+    spaces = {"": (register_clip_extractor(gen.clip, f"clipgen-clip-{ids['embeddings']}"), ids["embeddings"])}
+    if gen.judge is not None:
+        spaces["_judge"] = (register_judge_extractor(gen.judge, f"clipgen-judge-{ids['judge']}"), ids["judge"])
+    fidelity: dict[str, dict] = {s.name: {} for s in sets}
+    for suffix, (extractor, space_id) in spaces.items():
+        for s in sets:
+            found = fidelity_metrics(train_real if s.name == "real images" else s.images, reference, extractor,
+                                     cuda=cuda, cache_root=root, reference_cache_name=f"{reference_name}-{space_id}")
+            fidelity[s.name].update({f"{k}{suffix}": v for k, v in found.items()})
     inception = None
     if cfg.eval.inception_weights:
-        inception = {name: inception_metrics(images, reference, cfg.eval.inception_weights, cuda=cuda, **cache)
+        inception = {name: inception_metrics(images, reference, cfg.eval.inception_weights, cuda=cuda,
+                                             cache_root=root, reference_cache_name=reference_name)
                      for name, images in (("samples", sets[0].images), ("real images", train_real))}
     return fidelity, inception
 
@@ -184,13 +209,15 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
     shards, size = inputs["shards"].path, cfg.data.image_size
     held = read_labeled_split(shards, "heldout", size, limit=e.max_reference_images)
     prompts = eval_prompts(cfg, held.meta)
-    result = generate(gen, prompts, dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt))
+    settings = dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt)
+    results = [generate(gen, prompts, settings)]
+    result = results[0]
     n = len(result.images)
     samples = ImageSet("samples", result.images, result.prompts, [text_group(p, world) for p in result.prompts])
     sets = [samples, *anchor_sets(cfg, gen, held, prompts, n)]
     train_real = read_labeled_split(shards, "train", size, limit=n).images
 
-    fidelity, inception = fidelity_rows(cfg, gen.clip, sets, train_real, held.images, inputs["embeddings"].id)
+    fidelity, inception = fidelity_rows(cfg, gen, sets, train_real, held.images, {k: a.id for k, a in inputs.items()})
 
     # each set embedded once by the run's CLIP (memorisation, and text alignment unless another CLIP scores)
     run_emb = {s.name: gen.clip.encode_images(s.images).float().cpu() for s in sets}
@@ -199,7 +226,12 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
     pool_texts = distractor_pool(held.meta, prompts)
     alignment = text_alignment(scorer, sets, score_emb, pool_texts, [text_group(t, world) for t in pool_texts],
                                e.r_precision_distractors, cfg.sample.seed)
-    judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in sets} if gen.judge else None
+    judge = None
+    if gen.judge is not None:  # the shapes world: also prompts that name a size and a background
+        results.append(generate(gen, attribute_prompts(), settings))
+        named = ImageSet("attribute prompts", results[1].images, results[1].prompts,
+                         [text_group(p, world) for p in results[1].prompts])
+        judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in [*sets, named]}
 
     neighbours = {name: search(gen.index, emb.numpy(), 1) for name, emb in run_emb.items()}  # nearest train image
     memorisation = {name: similarity_summary(nb.scores[:, 0], e.memorisation_threshold) for name, nb in neighbours.items()}
@@ -209,31 +241,43 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
                      "memorised_fraction": memorisation[s.name].get("fraction_above")} for s in sets}
     metrics = {
         "run": cfg.name, "ids": {name: art.id for name, art in inputs.items()}, "settings": evaluate_config(cfg),
-        "prompts": prompts, "images_per_set": n, "reference_images": len(held.images),
+        "prompts": [p for r in results for p in dict.fromkeys(r.prompts)], "images_per_set": n,
+        "reference_images": len(held.images),
         "feature_space": f"{cfg.clip.model} image embeddings (the run's CLIP): FD here is not Inception FID",
         "scoring_clip": scorer_name, "scoring_clip_independent": independent,
         "rows": rows, "inception": inception, "judge": judge, "memorisation": memorisation,
-        "per_prompt": judged_per_prompt(result) if result.shapes is not None else None,
-        "tokenizer": tokenizer_summary(inputs["vqgan"], fidelity["VQGAN reconstructions"]["fd"]),
+        "per_prompt": {k: v for r in results for k, v in judged_per_prompt(r).items()} if judge else None,
+        "tokenizer": tokenizer_summary(inputs["vqgan"], fidelity["VQGAN reconstructions"]),
     }
     metrics["headline"] = headline(metrics)
-    write_report(out, cfg, metrics, result, neighbours, held, shards, inputs)
+    write_report(out, cfg, metrics, results, neighbours, held, shards, inputs)
     return {"headline": metrics["headline"], "report": str(out / "index.html")}
 
 
-def tokenizer_summary(vqgan: Artifact, reconstruction_fd: float) -> dict[str, Any]:
+def tokenizer_summary(vqgan: Artifact, reconstructions: dict[str, float]) -> dict[str, Any]:
     held = vqgan.summary().get("heldout", {})
     return {"psnr": held.get("psnr"), "code_usage": held.get("code_usage"), "perplexity": held.get("perplexity"),
-            "judge_agreement": vqgan.summary().get("judge_agreement"), "reconstruction_fd": reconstruction_fd}
+            "judge_agreement": vqgan.summary().get("judge_agreement"), "reconstruction_fd": reconstructions["fd"],
+            "reconstruction_fd_judge": reconstructions.get("fd_judge")}
 
 
 def headline(m: dict[str, Any]) -> dict[str, Any]:
     rows, judge = m["rows"], m["judge"]
-    values = {"fd_samples": rows["samples"]["fd"], "fd_floor_real": rows["real images"]["fd"],
-              "fd_ceiling_random": rows["random token grids"]["fd"], "clip_score": rows["samples"]["clip_score"],
-              "r_precision": rows["samples"]["r_precision"],
-              "memorised_fraction": rows["samples"]["memorised_fraction"],
-              "memorised_fraction_real": rows["real images"]["memorised_fraction"]}
+    samples, real, random = rows["samples"], rows["real images"], rows["random token grids"]
+    values = {"fd_samples": samples["fd"], "fd_floor_real": real["fd"], "fd_ceiling_random": random["fd"],
+              "fd_over_floor": samples["fd"] / max(real["fd"], 1e-12),
+              "precision": samples["precision"], "recall": samples["recall"],
+              "precision_real": real["precision"], "recall_real": real["recall"],
+              "clip_score": samples["clip_score"], "r_precision": samples["r_precision"],
+              "memorised_fraction": samples["memorised_fraction"],
+              "memorised_fraction_real": real["memorised_fraction"]}
+    if "fd_judge" in samples:
+        values |= {"fd_judge_samples": samples["fd_judge"], "fd_judge_floor_real": real["fd_judge"],
+                   "fd_judge_ceiling_random": random["fd_judge"],
+                   "fd_judge_over_floor": samples["fd_judge"] / max(real["fd_judge"], 1e-12)}
     if judge:
-        values |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": judge["samples"]["held_out"]}
+        named = judge["attribute prompts"]
+        values |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": judge["samples"]["held_out"],
+                   "judge_shape": judge["samples"]["shape"], "judge_colour": judge["samples"]["colour"],
+                   "judge_size": named["size"], "judge_background": named["background"]}
     return {k: values[k] for k in HEADLINE_LABELS if k in values}

@@ -59,21 +59,23 @@ def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = 
 
 
 def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: list[str]) -> dict[str, Any]:
-    """Generate ``s.n_per_prompt`` images per prompt; judged accuracy per prompt, for seen and held-out."""
-    from clipgen.generate import generate, judged_per_prompt, prompt_matches
+    """Generate ``s.n_per_prompt`` images per prompt and judge them: shape and colour together (``accuracy``),
+    for combinations seen as training images and held out of them, each other attribute over the prompts that
+    name it, and per prompt."""
+    from clipgen.generate import generate, judged_per_prompt
+    from clipgen.judge import accuracy_of, prompt_hits
 
     result = generate(gen, prompts, s)
-    if result.shapes is None:
+    if result.verdict is None:
         raise ValueError("prompt accuracy needs the shapes world's judge")
-    matches = np.array([bool(prompt_matches(p, sh, co))
-                        for p, sh, co in zip(result.prompts, result.shapes, result.colours, strict=True)])
+    hits = prompt_hits(result.prompts, result.verdict)
     held = {c.lower() for c in held_out_combos}
     is_held = np.array([any(c in p.lower() for c in held) for p in result.prompts])
-    return {"accuracy": float(matches.mean()),
-            "seen": float(matches[~is_held].mean()) if (~is_held).any() else None,
-            "held_out": float(matches[is_held].mean()) if is_held.any() else None,
+    return {"accuracy": accuracy_of(hits["both"]), "seen": accuracy_of(hits["both"][~is_held]),
+            "held_out": accuracy_of(hits["both"][is_held]),
+            "attributes": {name: accuracy_of(h) for name, h in hits.items() if name != "both"},
             "clip_score": float(result.clip_scores.mean()), "per_prompt": judged_per_prompt(result),
-            "images": len(matches), "result": result}
+            "images": len(result.prompts), "result": result}
 
 
 def heldout_labels(cfg: PipelineConfig) -> dict[str, tuple[str, str]]:
@@ -105,8 +107,8 @@ def image_conditioned_accuracy(gen, heldout: Embeddings, labels: dict[str, tuple
     if not rows:
         return {"images": 0}
     device = next(gen.gpt.parameters()).device
-    cond = torch.from_numpy(heldout.vectors[rows]).to(device)
     settings = dataclasses.replace(cfg.sample, n_per_prompt=1)
+    cond = torch.from_numpy(heldout.vectors[rows]).to(device).repeat_interleave(max(1, settings.rerank_candidates), 0)
     images, _, _ = draw(gen, cond, cond, settings)
     verdict = gen.judge.predict(images)
     truth = [labels[heldout.keys[i]] for i in rows]
