@@ -68,7 +68,8 @@ def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, m
     shards = inputs["shards"].path
     train = read_labeled_split(shards, "captioned", cfg.data.image_size)
     held = read_labeled_split(shards, "heldout", cfg.data.image_size, limit=PROBE_IMAGES)
-    with torch_threads(free_cpu_threads()):  # oversubscribed CPU threads slow small models down many times
+    # oversubscribed CPU threads slow small models down many times
+    with torch_threads(cfg.train.cpu_threads or free_cpu_threads()):
         summary = pretrain_toy_clip(CaptionedImages(train.images, [m["caption"] for m in train.meta]),
                                     cfg.clip.toy, out, CaptionedImages(held.images, [m["caption"] for m in held.meta]),
                                     model=cfg.clip.model)

@@ -42,5 +42,5 @@ def build_gpt(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_f
     if cfg.gpt.consistency_weight > 0:
         consistency = Consistency(vqgan, run_clip(cfg, inputs, device))
     result = fit(cfg.gpt, cfg.train, train, out, vocab_size=vqgan.codebook_size, heldout=heldout,
-                 consistency=consistency)
+                 consistency=consistency, cpu_threads=cfg.train.cpu_threads)
     return {**result.summary, "data": counts}
