@@ -157,6 +157,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = runtime_only(50)
     ckpt_every: int = runtime_only(500)
+    # train-gpt: torch.compile the transformer's blocks and loss (a GPU speed-up; needs Triton and a C
+    # compiler, costs a minute or so of compilation; results differ from eager only by rounding)
+    compile: bool = runtime_only(False)
 
 
 @dataclass
