@@ -72,7 +72,8 @@ class GraphedSampler:
         self.out = torch.zeros(plan.batch, shape.n_tokens, dtype=torch.long, device=device)
         self.noise = torch.ones(plan.batch, shape.vocab_size, dtype=torch.float32, device=device)
         self.replays: dict[int, object] = {}  # window -> callable that runs the step
-        self.pool = torch.cuda.graph_pool_handle() if plan.graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if plan.graphs else None  # one memory pool for all
+        self.side_stream = torch.cuda.Stream(device) if plan.graphs else None  # graphs need a side stream
 
     def window(self, position: int) -> int:
         """How many cache positions the step at ``position`` reads (the graph it replays)."""
@@ -102,14 +103,19 @@ class GraphedSampler:
             self.replays[window] = step
             step()
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        # torch.cuda.graph() would also synchronize and collect garbage before each capture: ~50 ms each,
+        # too much for a graph per position, so capture on our own side stream
+        main, side = torch.cuda.current_stream(), self.side_stream
+        side.wait_stream(main)
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             step()  # the real step at this position
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):  # recorded only: nothing runs, no state changes
-            step()
+            graph.capture_begin(pool=self.pool)
+            try:
+                step()  # recorded only: nothing runs, no state changes
+            finally:
+                graph.capture_end()
+        main.wait_stream(side)
         self.replays[window] = graph.replay
 
     @torch.no_grad()
