@@ -151,5 +151,5 @@ def test_compiled_blocks_are_eager_again_after_training():
 
     model = GPT(GPTShape(vocab_size=20, n_tokens=6, cond_dim=8, n_layer=2, n_head=2, n_embd=16, n_prefix=2))
     with compiled_blocks(model, enabled=True):  # compiles lazily: nothing is compiled unless called
-        assert all("forward" in vars(block) for block in model.blocks)
-    assert not any("forward" in vars(block) for block in model.blocks)
+        assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert all(block._compiled_call_impl is None for block in model.blocks)
