@@ -88,3 +88,28 @@ def test_the_triton_kernel_attends_over_the_filled_positions_and_samples_the_ref
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_kernel_worker.py")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_the_triton_kernel_compiles_for_hopper_with_16_byte_loads():
+    """Compiled ahead of time for sm_90 (no GPU needed): it builds, and reads keys and values in 16-byte
+    vectors (a memory-bound kernel loading 2 bytes at a time would be several times slower)."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    from clipgen.models.gpt_attention_kernel import _attend_filled
+
+    names = ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "position_ptr", "q_row", "q_head", "kv_row", "kv_head",
+             "kv_pos", "out_row", "out_head", "n_head", "scale"]
+    types = {"position_ptr": "*i64", "n_head": "i32", "scale": "fp32"}
+    signature = {n: types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
+    signature.update(HEAD_DIM="constexpr", DIMS="constexpr", BLOCK="constexpr")
+    # what Triton's launcher assumes of pointers and strides that are multiples of 16, as ours are
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in ("n_head", "scale")}
+    source = ASTSource(fn=_attend_filled, signature=signature, constexprs={"HEAD_DIM": 64, "DIMS": 64, "BLOCK": 64},
+                       attrs=aligned)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    loads = [line for line in ptx.splitlines() if "ld.global" in line]
+    assert loads and all(".v4" in line for line in loads if "b64" not in line), loads[:4]

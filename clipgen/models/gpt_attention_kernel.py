@@ -32,13 +32,12 @@ if triton is not None:
     @triton.jit
     def _attend_filled(q_ptr, k_ptr, v_ptr, out_ptr, position_ptr,
                        q_row, q_head, kv_row, kv_head, kv_pos, out_row, out_head,
-                       n_head, head_dim, scale,
-                       DIMS: tl.constexpr, BLOCK: tl.constexpr):
+                       n_head, scale, HEAD_DIM: tl.constexpr, DIMS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0) // n_head
         head = tl.program_id(0) % n_head
-        length = tl.load(position_ptr) + 1  # positions 0..position are filled
+        length = (tl.load(position_ptr) + 1).to(tl.int32)  # positions 0..position are filled
         dims = tl.arange(0, DIMS)
-        real = dims < head_dim  # DIMS is head_dim rounded up to a power of two
+        real = dims < HEAD_DIM  # DIMS is HEAD_DIM rounded up to a power of two; all true when equal
         q = tl.load(q_ptr + row * q_row + head * q_head + dims, mask=real, other=0.0).to(tl.float32) * scale
         k_base = k_ptr + row * kv_row + head * kv_head
         v_base = v_ptr + row * kv_row + head * kv_head
@@ -75,5 +74,5 @@ def attend_filled(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     out = torch.empty(rows, 1, heads, dim, dtype=q.dtype, device=q.device)
     _attend_filled[(rows * heads,)](
         q, keys, values, out, position, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        out.stride(0), out.stride(2), heads, dim, dim ** -0.5, DIMS=triton.next_power_of_2(dim), BLOCK=block)
+        out.stride(0), out.stride(2), heads, dim ** -0.5, HEAD_DIM=dim, DIMS=triton.next_power_of_2(dim), BLOCK=block)
     return out.transpose(1, 2)
