@@ -7,8 +7,9 @@ of the (unit-norm) CLIP embedding and ``t`` are the VQGAN codes in raster order.
 direct path for the condition at every position besides attention to the prefix.
 
 * Pre-norm blocks, ``F.scaled_dot_product_attention`` (flash/efficient kernels on CUDA), GELU MLP.
-* :class:`KVCache` holds each layer's keys and values, preallocated for the whole sequence, so sampling
-  is one prefill over the prefix plus one single-token step per image token.
+* :class:`KVCache` (:mod:`clipgen.models.gpt_cache`) holds each layer's keys and values, preallocated for
+  the whole sequence, so sampling is one prefill over the prefix plus one single-token step per image
+  token; :meth:`GPT.decode_static` is that step with fixed shapes, for CUDA graphs.
 * Condition dropout: during training a fraction of conditions is replaced by a learned null embedding;
   at sampling the null condition gives the unconditional logits for classifier-free guidance.
 * :func:`bridge` closes part of the CLIP modality gap at training time (LAFITE-style noise).
