@@ -52,17 +52,23 @@ class Plan:
 
 
 class GraphedSampler:
-    """A static KV cache, the step's input and output buffers, and one replayable step per window."""
+    """A static KV cache, the step's input and output buffers, and one CUDA graph per window.
+
+    It keeps no reference to the model it serves (it is kept in a weak dictionary keyed by that model):
+    the model is passed to :meth:`run`, and the graphs read its weights where they were at capture, which
+    ``weights_at`` records so that a model whose weights moved gets a new sampler.
+    """
 
     def __init__(self, model: GPT, plan: Plan):
-        self.plan, self.source = plan, model
-        # a copy only when the dtype differs: the same dtype runs the model itself, always current
-        self.model = model if _dtype_of(model) == plan.compute_dtype else copy.deepcopy(model).to(plan.compute_dtype)
+        self.plan = plan
+        # a copy only when the dtype differs (refreshed at every run); else the model's own weights
+        self.copy = None if _dtype_of(model) == plan.compute_dtype else copy.deepcopy(model).to(plan.compute_dtype)
+        self.weights_at = weight_addresses(model)
         shape = model.shape
         capacity = shape.seq_len
         if plan.attention == "bucket":  # every window a whole number of buckets (aligned masks)
             capacity = -(-shape.seq_len // plan.bucket) * plan.bucket
-        self.cache = self.model.new_cache(plan.rows, plan.cache_dtype, capacity)
+        self.cache = (self.copy or model).new_cache(plan.rows, plan.cache_dtype, capacity)
         device = self.cache.k.device
         if plan.attention == "kernel":
             from clipgen.models.gpt_attention_kernel import attend_filled
@@ -71,7 +77,7 @@ class GraphedSampler:
         self.feed = torch.zeros(plan.rows, 1, dtype=torch.long, device=device)  # the token each step reads
         self.out = torch.zeros(plan.batch, shape.n_tokens, dtype=torch.long, device=device)
         self.noise = torch.ones(plan.batch, shape.vocab_size, dtype=torch.float32, device=device)
-        self.replays: dict[int, object] = {}  # window -> callable that runs the step
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # window -> its captured step
         self.pool = torch.cuda.graph_pool_handle() if plan.graphs else None  # one memory pool for all
         self.side_stream = torch.cuda.Stream(device) if plan.graphs else None  # graphs need a side stream
 
@@ -83,25 +89,23 @@ class GraphedSampler:
             return min(self.cache.capacity, -(-(position + 1) // self.plan.bucket) * self.plan.bucket)
         return self.cache.capacity  # the kernel reads the length itself; the window is unused
 
-    def _step(self, window: int) -> None:
-        plan, n_prefix = self.plan, self.model.shape.n_prefix
-        logits = self.model.decode_static(self.feed, self.cache, window, exact=plan.attention == "exact")
+    def _step(self, model: GPT, window: int) -> None:
+        plan, n_prefix = self.plan, model.shape.n_prefix
+        logits = model.decode_static(self.feed, self.cache, window, exact=plan.attention == "exact")
         token = pick_with_noise(guide(logits, plan.batch, plan.sampling.cfg_scale), plan.sampling, self.noise)
         self.out.index_copy_(1, self.cache.position - (n_prefix - 1), token[:, None])
         self.feed.copy_(token.repeat(plan.rows // plan.batch)[:, None])
         self.cache.position.add_(1)
 
-    def _run_step(self, window: int) -> None:
-        """Run the step for ``window``; the first time on CUDA, run it eagerly (which warms up cuBLAS and
-        compiles the Triton kernel outside the capture) and then capture it for later replays."""
-        replay = self.replays.get(window)
-        if replay is not None:
-            replay()
+    def _run_step(self, model: GPT, window: int) -> None:
+        """Run the step for ``window``: a replay once captured. The first time on CUDA it runs eagerly (which
+        warms up cuBLAS and compiles the Triton kernel outside the capture) and is then captured."""
+        graph = self.graphs.get(window)
+        if graph is not None:
+            graph.replay()
             return
-        step = functools.partial(self._step, window)
         if not self.plan.graphs:
-            self.replays[window] = step
-            step()
+            self._step(model, window)
             return
         # torch.cuda.graph() would also synchronize and collect garbage before each capture: ~50 ms each,
         # too much for a graph per position, so capture on our own side stream
@@ -109,25 +113,26 @@ class GraphedSampler:
         side.wait_stream(main)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
-            step()  # the real step at this position
+            self._step(model, window)  # the real step at this position
             graph.capture_begin(pool=self.pool)
             try:
-                step()  # recorded only: nothing runs, no state changes
+                self._step(model, window)  # recorded only: nothing runs, no state changes
             finally:
                 graph.capture_end()
         main.wait_stream(side)
-        self.replays[window] = graph.replay
+        self.graphs[window] = graph
 
     @torch.no_grad()
-    def run(self, rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def run(self, model: GPT, rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Token grids ``[batch, N]`` for condition rows ``[rows, D]`` (conditional, then null rows)."""
-        plan, shape = self.plan, self.model.shape
-        if self.model is not self.source:
-            for mine, theirs in zip(self.model.parameters(), self.source.parameters(), strict=True):
+        plan, shape = self.plan, model.shape
+        if self.copy is not None:
+            for mine, theirs in zip(self.copy.parameters(), model.parameters(), strict=True):
                 mine.copy_(theirs)
+        working = self.copy or model
         with torch.autocast(self.cache.k.device.type, enabled=False):
             self.cache.clear()
-            logits = self.model.prefill(rows.to(plan.compute_dtype), self.cache)
+            logits = working.prefill(rows.to(plan.compute_dtype), self.cache)
             self._draw(generator)
             token = pick_with_noise(guide(logits, plan.batch, plan.sampling.cfg_scale), plan.sampling, self.noise)
             self.out[:, 0] = token
@@ -135,12 +140,16 @@ class GraphedSampler:
             self.cache.position.fill_(shape.n_prefix)
             for position in range(shape.n_prefix, shape.n_prefix + shape.n_tokens - 1):
                 self._draw(generator)
-                self._run_step(self.window(position))
+                self._run_step(working, self.window(position))
         return self.out.clone()
 
     def _draw(self, generator: torch.Generator | None) -> None:
         if not self.plan.sampling.greedy:  # what torch.multinomial would draw from the generator
             self.noise.exponential_(generator=generator)
+
+
+def weight_addresses(model: GPT) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in model.parameters())
 
 
 _samplers: weakref.WeakKeyDictionary[GPT, OrderedDict[Plan, GraphedSampler]] = weakref.WeakKeyDictionary()
@@ -167,12 +176,14 @@ def sample_tokens_graphed(model: GPT, cond: torch.Tensor, s: Sampling | None = N
     plan = Plan(len(rows), len(cond), cache_dtype or compute_dtype, compute_dtype, attention, bucket, s, graphs)
     kept = _samplers.setdefault(model, OrderedDict())
     sampler = kept.pop(plan, None)
+    if sampler is not None and sampler.weights_at != weight_addresses(model):  # moved: stale graphs
+        sampler = None
     if sampler is None:
         while len(kept) >= KEPT_PER_MODEL:  # free the oldest graphs and cache before making new ones
             kept.popitem(last=False)
         sampler = GraphedSampler(model, plan)
     kept[plan] = sampler
-    return sampler.run(rows, generator)
+    return sampler.run(model, rows, generator)
 
 
 @functools.cache

@@ -113,3 +113,26 @@ def test_the_triton_kernel_compiles_for_hopper_with_16_byte_loads():
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     loads = [line for line in ptx.splitlines() if "ld.global" in line]
     assert loads and all(".v4" in line for line in loads if "b64" not in line), loads[:4]
+
+
+@pytest.mark.parametrize("bf16_copy", [False, True])
+def test_kept_samplers_do_not_keep_their_model_alive(bf16_copy):
+    import gc
+    import weakref
+
+    model = GPT(SHAPE).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_copy):
+        sample_tokens_graphed(model, conditions(), Sampling(greedy=True), attention="exact", graphs=False)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_model_whose_weights_moved_gets_a_new_sampler(model):
+    s, cond = Sampling(greedy=True, cfg_scale=2.0), conditions()
+    before = sample_tokens_graphed(model, cond, s, attention="bucket", bucket=4, graphs=False)
+    model.head.weight = torch.nn.Parameter(-2 * model.head.weight.detach())  # new storage: graphs would be stale
+    after = sample_tokens_graphed(model, cond, s, attention="bucket", bucket=4, graphs=False)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, sample_tokens_uncached(model, cond, s))
