@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def bench(preset: str, batch: int, micro: int, precision: str, compiled: bool, s
     # all cores, whatever the load average says (free_cpu_threads would read the previous run as load)
     result = fit(cfg, train, pairs, tmp, vocab_size=shape.vocab_size, progress=False, cpu_threads=os.cpu_count())
     last = json.loads((tmp / "metrics.jsonl").read_text().splitlines()[-1])
+    shutil.rmtree(tmp)  # the final checkpoint: ~4 GB at paper size
     parameters = result.summary["parameters"]
     attention = 12 * shape.n_layer * shape.seq_len * shape.n_embd  # per token, forward and backward
     return {"preset": preset, "tokens": shape.n_tokens, "batch_size": batch, "micro_batch": batch // grad_accum,
