@@ -5,6 +5,8 @@ single-token step per image token, for the whole batch at once. Classifier-free 
 conditional and the null-conditioned rows in the same batch and mixes their logits,
 ``uncond + scale * (cond - uncond)``. :func:`sample_tokens_uncached` is the reference loop of the public
 CLIP-GEN code (the full prefix recomputed for every new token), kept for parity tests and benchmarks.
+On a GPU, ``sample_tokens(..., cuda_graph=True)`` replays each step as a CUDA graph
+(:mod:`clipgen.sample_graphed`).
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ def sample_tokens(model: GPT, cond: torch.Tensor, s: Sampling = Sampling(),
                   cuda_graph: bool = False) -> torch.Tensor:
     """Token grids ``[B, N]`` for conditions ``[B, D]`` with the KV cache (see the module doc).
 
-    ``cuda_graph``: run each single-token step as a replayed CUDA graph, with the draw inside it
-    (:mod:`clipgen.sample_graphed`; CUDA only). Without Python between kernels the GPU stays busy, which
-    plain decoding cannot do at any batch size. Seeded results equal the plain loop's up to rounding.
+    ``cuda_graph``: run each single-token step as a replayed CUDA graph that reads only the filled part of
+    the cache and draws the token itself (:mod:`clipgen.sample_graphed`; CUDA only): no Python between
+    kernels, so the GPU does not idle between small ones. Its draws are this loop's for the same logits;
+    its attention kernel may round differently, so seeded tokens can differ where logits nearly tie.
     """
     if cuda_graph:
         from clipgen.sample_graphed import sample_tokens_graphed
