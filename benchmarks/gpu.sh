@@ -44,8 +44,8 @@ if [ "$SMOKE" = 1 ]; then
     SAMPLE=(--presets tiny --batch-sizes 2,4 --repeats 1)
     TRAIN=(--presets tiny --steps 4 --batch-sizes 8 --micro-batch 4 --compile no)
 else
-    SAMPLE=(--presets paper,mid --batch-sizes 64,256 --repeats 2)
-    TRAIN=(--presets paper,mid --steps 30 --compile no,yes)
+    SAMPLE=(--presets paper,mid --batch-sizes 64,256 --repeats 2 --profile)
+    TRAIN=(--presets paper,mid --steps 30 --compile no,yes --profile)
 fi
 
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),

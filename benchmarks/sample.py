@@ -24,8 +24,9 @@ uses (:func:`gpt_shapes.decode_step_parameters` x 2 bytes in bf16) plus the fill
 4 x layers x rows x width x filled positions FLOPs; it takes at least max(bytes / ``--bandwidth``,
 FLOPs / ``--peak-flops``), by default 4.8e12 B/s (an H200's HBM3e) and 989e12 FLOP/s (H100/H200 dense
 bf16). Summed over an image's steps this gives ``images_per_s`` (the roofline bound), beside the memory-
-and compute-only bounds; a path's ``of_bound`` is its images/s over the roofline bound. Token sampling
-only: the VQGAN decode is left out. Prints one JSON line; ``--out`` also writes it, after every path.
+and compute-only bounds; a path's ``of_bound`` is its images/s over the roofline bound. ``--profile`` adds
+the kernels that ran in one call (:mod:`kernel_profile`). Token sampling only: the VQGAN decode is left
+out. Prints one JSON line; ``--out`` also writes it, after every path.
 
     python benchmarks/sample.py [--presets tiny,mid] [--batch-sizes 64,256] [--paths plain,graph-kernel]
                                 [--out benchmarks/results/sample.json]
@@ -39,6 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 from gpt_shapes import decode_step_parameters, gpt_shape  # beside this script
+from kernel_profile import kernel_times
 from run_info import Report
 
 from clipgen.models.gpt import GPT, GPTShape
@@ -152,6 +154,23 @@ def bench_preset(preset: str, args, device: torch.device, report: Report) -> Non
         except Exception as exc:  # noqa: BLE001 - report it and go on: the other paths' numbers still count
             result["error"] = f"{type(exc).__name__}: {exc}"[:400]
             report.save()
+    if args.profile and cuda:
+        row["profile"] = profile_sampling(model, conditions(batches[-1], shape.cond_dim, device), settings, autocast)
+        report.save()
+
+
+def profile_sampling(model: GPT, cond: torch.Tensor, s: Sampling, autocast) -> dict:
+    """Kernel times of one batch through the library's graphed path, and through the same static steps run
+    eagerly (every kernel visible to the profiler, whatever it sees inside graphs)."""
+    out = {"batch_size": len(cond)}
+    for name, graphs in (("graphed", True), ("static_steps_eager", False)):
+        try:
+            with autocast:
+                out[name] = kernel_times(lambda graphs=graphs: sample_tokens_graphed(
+                    model, cond, s, cache_dtype=torch.bfloat16, graphs=graphs))
+        except Exception as exc:  # noqa: BLE001 - a diagnosis only
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out
 
 
 def main() -> None:
@@ -171,6 +190,8 @@ def main() -> None:
                         "default 4.8e12 (H200) on CUDA, none on CPU")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s for the bound")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="on CUDA, also record the kernel times of one "
+                        "call at the largest batch size (graphed, and the same steps eagerly)")
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after every path)")
     args = parser.parse_args()
     device = torch.device(args.device)

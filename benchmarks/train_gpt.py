@@ -12,8 +12,9 @@ dense bf16 peak of an H100 or H200): the forward and backward matrix products of
 token, not counting attention's own products (``attention_flops_share`` says how much those add).
 ``speed_options`` lists what the loop used: precision, fused AdamW, whether SDPA's causal attention can run
 FlashAttention at this width (checked by running it with only that kernel allowed), compilation, pinned
-batches and the host waits per step (none: losses are read once per log window). Prints one JSON line;
-``--out`` also writes it, after every row.
+batches and the host waits per step (none: losses are read once per log window). ``--profile`` adds the
+kernels a few eager steps ran (:mod:`kernel_profile`). Prints one JSON line; ``--out`` also writes it,
+after every row.
 
     python benchmarks/train_gpt.py [--presets tiny,mid] [--steps 20] [--batch-sizes 64] [--micro-batch 0]
                                    [--precisions auto] [--compile no] [--out benchmarks/results/train.json]
@@ -32,12 +33,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from gpt_shapes import gpt_shape  # beside this script
+from kernel_profile import kernel_times
 from run_info import Report
 
 from clipgen.config import GPTConfig, TrainConfig
+from clipgen.data.images_array import ArrayBatches
 from clipgen.models.gpt import GPT
 from clipgen.presets import PRESETS
-from clipgen.train.gpt import Pairs, fit
+from clipgen.train import loop
+from clipgen.train.gpt import Pairs, _step, fit, make_optimizer, token_cross_entropy
+from clipgen.train.overlap import PinnedRows
 
 CPU_BATCH = {"tiny": 64, "mid": 8, "base": 4, "paper": 2}
 
@@ -59,6 +64,26 @@ def flash_attention_runs(preset: str, device: torch.device) -> bool | None:
         return True
     except RuntimeError:
         return False
+
+
+def profile_training(preset: str, batch: int, device: torch.device, steps: int = 3) -> dict:
+    """Kernel times of ``steps`` eager training steps of the loop's own step function, after two warm-up
+    steps: which kernels the step's time goes to, and how long the GPU idled (wall minus busy)."""
+    shape = gpt_shape(preset)
+    cfg, train = GPTConfig(**{**PRESETS["gpt"][preset], "batch_size": batch}), TrainConfig()
+    info = loop.DistInfo(0, 1, device, False)
+    model = GPT(shape).to(device).train()
+    opt = make_optimizer(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    n = 4 * batch
+    rows = PinnedRows((F.normalize(torch.randn(n, shape.cond_dim, generator=g), dim=-1),
+                       torch.randint(0, shape.vocab_size, (n, shape.n_tokens), generator=g)), batch, device)
+    batches = ArrayBatches(torch.arange(n).numpy(), batch, 0, 0, 1, None)
+    step = lambda: _step(model, model, opt, cfg.lr, rows, batches, cfg, train, info, None, token_cross_entropy)  # noqa: E731
+    for _ in range(2):
+        step()
+    times = kernel_times(lambda: [step() for _ in range(steps)])
+    return {"preset": preset, "batch_size": batch, "steps": steps, **times}
 
 
 def bench(preset: str, batch: int, micro: int, precision: str, compiled: bool, steps: int, peak: float,
@@ -97,6 +122,8 @@ def main() -> None:
                         help="comma-separated, each of auto/fp32/bf16; e.g. fp32,auto compares them side by side")
     parser.add_argument("--compile", default="no", help="comma-separated no/yes: train.compile off, on")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s for MFU")
+    parser.add_argument("--profile", action="store_true", help="on CUDA, also record the kernel times of a "
+                        "few eager steps of the first preset at the first batch size")
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after every row)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +146,12 @@ def main() -> None:
                         except Exception as exc:  # noqa: BLE001 - report it; the other rows still count
                             row = {"preset": preset, "batch_size": batch, "error": f"{type(exc).__name__}: {exc}"[:400]}
                         report.add({**row, "speed_options": options})
+            if args.profile and device.type == "cuda" and "profile" not in report.body:
+                try:
+                    report.body["profile"] = profile_training(preset, batches[0], device)
+                except Exception as exc:  # noqa: BLE001 - a diagnosis only
+                    report.body["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                report.save()
     report.print()
 
 
