@@ -9,6 +9,7 @@
 # machine returns no more). Each JSON names the device, the commit (git, else $GIT_COMMIT) and the date.
 #
 #   bash benchmarks/gpu.sh [OUT]            OUT defaults to benchmarks/results
+#   GIT_COMMIT=<hash> bash benchmarks/gpu.sh OUT   on a copy of the tree without .git (the device machine)
 #   SMOKE=1 bash benchmarks/gpu.sh OUT      tiny sizes, CPU is fine: checks this script end to end
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
