@@ -29,6 +29,8 @@ def sampling_lines(body: dict) -> list[str]:
             lines.append(f"  {row['preset']:<7}{ref['batch_size']:>6}  {'reference':<13}{ref['images_per_s']:>10}")
         for path, result in row["paths"].items():
             parity = {True: "yes", False: "NO"}.get(result.get("greedy_parity"), "-")
+            if result.get("greedy_parity") is False and result.get("greedy_matches_plain"):
+                parity += " (= plain: a near-tie)"
             if "error" in result:
                 lines.append(f"  {row['preset']:<7}{'':>6}  {path:<13}  error: {result['error'][:70]}")
             for batch, entry in result.items():
