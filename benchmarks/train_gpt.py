@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +84,17 @@ def profile_training(preset: str, batch: int, device: torch.device, steps: int =
     for _ in range(2):
         step()
     times = kernel_times(lambda: [step() for _ in range(steps)])
-    return {"preset": preset, "batch_size": batch, "steps": steps, **times}
+    # any wait for the device inside a step, ours or PyTorch's own (at these sizes, not the test's)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = sorted({str(w.message)[:120] for w in caught if "synchroniz" in str(w.message).lower()})
+    return {"preset": preset, "batch_size": batch, "steps": steps, "host_waits_in_a_step": waits, **times}
 
 
 def bench(preset: str, batch: int, micro: int, precision: str, compiled: bool, steps: int, peak: float,
