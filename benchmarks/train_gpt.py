@@ -93,7 +93,8 @@ def profile_training(preset: str, batch: int, device: torch.device, steps: int =
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    waits = sorted({str(w.message)[:120] for w in caught if "synchroniz" in str(w.message).lower()})
+    waits = sorted({f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}" for w in caught
+                    if "synchroniz" in str(w.message).lower()})
     return {"preset": preset, "batch_size": batch, "steps": steps, "host_waits_in_a_step": waits, **times}
 
 
