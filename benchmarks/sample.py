@@ -1,36 +1,71 @@
-"""Benchmark: batched KV-cache sampling against the reference loop (full prefix recomputed per token).
+"""Benchmark: token sampling speed (images/s) against the hardware's bound, and greedy parity for every path.
 
-For each preset, in one run with the same weights (random init: speed does not depend on the values),
-conditions, sampling settings and batch size: (a) :func:`clipgen.sample.sample_tokens`, one prefill and
-one cached single-token step per image token; (b) :func:`clipgen.sample.sample_tokens_uncached`, what
-the public CLIP-GEN code does. Both must give identical tokens under greedy decoding (checked here).
-On CUDA, (a) also runs with its single-token step captured once and replayed as a CUDA graph.
-Token sampling only: the VQGAN decode is the same for both and is left out. Prints one JSON line.
+For each gpt preset (shapes from :mod:`gpt_shapes`, random init: speed does not depend on the values),
+each path in ``--paths`` samples the same conditions with guidance ``--cfg-scale`` (2) and top-k
+``--top-k`` (100), in bf16 (weights and KV cache) on CUDA and fp32 on CPU, at each of ``--batch-sizes``;
+the best of ``--repeats`` timed calls after one warm-up call (which captures the graphs) counts. Paths:
 
-    python benchmarks/sample.py [--presets tiny,mid] [--batch-size 0 (= per-device default)] [--cfg-scale 2]
+  plain         clipgen.sample.sample_tokens: one prefill, then one eager cached step per token
+  graph-whole   static steps replayed as one CUDA graph over the whole cache, masked (the previous way)
+  graph-bucket  a graph per ``--bucket`` positions; SDPA over the filled positions rounded up, masked
+  graph-exact   a graph per position; SDPA over exactly the filled positions, no mask (FlashAttention)
+  graph-kernel  one graph; a Triton kernel reads the filled length on the device (no mask, no buckets)
+  graph         sample_tokens(cuda_graph=True), the library's choice (``graph_attention`` says which)
+  On CPU the graph-* paths run the same static steps eagerly, without graphs.
+
+Greedy parity: before its timings, each path samples ``--parity-rows`` conditions greedily in fp32 and must
+give the tokens of :func:`clipgen.sample.sample_tokens_uncached`, the reference loop (the whole sequence
+recomputed for every token), and (``greedy_matches_plain``) those of the plain cached loop. The reference is also timed (``speedup``) where ``--time-reference`` says:
+by default on CPU only, at the first batch size; at paper size on a GPU it would take minutes.
+
+The bound each batch size is measured against (``bound``): a single-token step must read the weights it
+uses (:func:`gpt_shapes.decode_step_parameters` x 2 bytes in bf16) plus the filled KV cache
+(2 x layers x rows x width x filled positions x 2 bytes), and compute 2 x those parameters x rows plus
+4 x layers x rows x width x filled positions FLOPs; it takes at least max(bytes / ``--bandwidth``,
+FLOPs / ``--peak-flops``), by default 4.8e12 B/s (an H200's HBM3e) and 989e12 FLOP/s (H100/H200 dense
+bf16). Summed over an image's steps this gives ``images_per_s`` (the roofline bound), beside the memory-
+and compute-only bounds; a path's ``of_bound`` is its images/s over the roofline bound. ``--profile`` adds
+the kernels that ran in one call (:mod:`kernel_profile`). Token sampling only: the VQGAN decode is left
+out. Prints one JSON line; ``--out`` also writes it, after every path.
+
+    python benchmarks/sample.py [--presets tiny,mid] [--batch-sizes 64,256] [--paths plain,graph-kernel]
+                                [--out benchmarks/results/sample.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
 import torch.nn.functional as F
+from gpt_shapes import decode_step_parameters, gpt_shape  # beside this script
+from kernel_profile import kernel_times
+from run_info import Report
 
 from clipgen.models.gpt import GPT, GPTShape
-from clipgen.presets import PRESETS
 from clipgen.sample import Sampling, sample_tokens, sample_tokens_uncached
+from clipgen.sample_graphed import kernel_runs, sample_tokens_graphed
 
-DATA = {  # preset -> (grid side, vocabulary, embedding size, batch on CPU, batch on CUDA)
-    "tiny": (8, 1000, 128, 32, 256),
-    "mid": (16, 16384, 512, 4, 64),
-}
+PATHS = ("plain", "graph-whole", "graph-bucket", "graph-exact", "graph-kernel", "graph")  # safest first
+CPU_BATCH = {"tiny": 32, "mid": 4, "base": 2, "paper": 1}
+
+
+def sample(path: str, model: GPT, cond: torch.Tensor, s: Sampling, cache_dtype, bucket: int) -> torch.Tensor:
+    """One call of ``path`` (see the module doc)."""
+    cuda = cond.device.type == "cuda"
+    if path == "plain" or (path == "graph" and cuda):
+        return sample_tokens(model, cond, s, cache_dtype=cache_dtype, cuda_graph=path == "graph")
+    attention = {"graph": "auto", "graph-whole": "bucket"}.get(path, path.removeprefix("graph-"))
+    if path == "graph-whole":
+        bucket = model.shape.seq_len
+    return sample_tokens_graphed(model, cond, s, cache_dtype=cache_dtype, attention=attention, bucket=bucket,
+                                 graphs=cuda)
 
 
 def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
     if device.type == "cuda":
@@ -38,65 +73,143 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench(preset: str, batch_size: int, cfg_scale: float, repeats: int, device: torch.device) -> dict:
-    side, vocab, dim, cpu_batch, cuda_batch = DATA[preset]
-    batch = batch_size or (cuda_batch if device.type == "cuda" else cpu_batch)
-    dims = {k: v for k, v in PRESETS["gpt"][preset].items() if k in ("n_layer", "n_head", "n_embd", "n_prefix")}
+def conditions(batch: int, dim: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(batch, dim, generator=g), dim=-1).to(device)
+
+
+def bound(shape: GPTShape, step_parameters: int, batch: int, cfg_scale: float, bytes_per_value: int,
+          bandwidth: float, peak_flops: float) -> dict:
+    """The fastest sampling the hardware allows at this batch size (see the module doc)."""
+    rows = batch * (2 if cfg_scale != 1.0 else 1)
+    kv_per_position = 2 * shape.n_layer * rows * shape.n_embd * bytes_per_value
+    memory = compute = roofline = total_bytes = 0.0
+    for position in range(shape.n_prefix, shape.n_prefix + shape.n_tokens - 1):
+        filled = position + 1
+        step_bytes = step_parameters * bytes_per_value + kv_per_position * filled
+        step_flops = 2 * step_parameters * rows + 4 * shape.n_layer * rows * shape.n_embd * filled
+        memory, compute = memory + step_bytes / bandwidth, compute + step_flops / peak_flops
+        roofline += max(step_bytes / bandwidth, step_flops / peak_flops)
+        total_bytes += step_bytes
+    return {"images_per_s": round(batch / roofline, 1), "memory_bound_images_per_s": round(batch / memory, 1),
+            "compute_bound_images_per_s": round(batch / compute, 1),
+            "gb_per_step": round(total_bytes / (shape.n_tokens - 1) / 1e9, 3),
+            "bandwidth": bandwidth, "peak_flops": peak_flops}
+
+
+def bench_preset(preset: str, args, device: torch.device, report: Report) -> None:
+    shape = gpt_shape(preset)
     torch.manual_seed(0)
-    model = GPT(GPTShape(vocab_size=vocab, n_tokens=side * side, cond_dim=dim, **dims)).to(device).eval()
-    cond = F.normalize(torch.randn(batch, dim, device=device), dim=-1)
-    greedy = Sampling(greedy=True, cfg_scale=cfg_scale)
-    identical = torch.equal(sample_tokens(model, cond[:2], greedy), sample_tokens_uncached(model, cond[:2], greedy))
-    settings = Sampling(temperature=1.0, top_k=100, cfg_scale=cfg_scale)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    cache_dtype = torch.bfloat16 if device.type == "cuda" else None
-
-    def ours(cuda_graph: bool = False):
-        with autocast:
-            sample_tokens(model, cond, settings, cache_dtype=cache_dtype, cuda_graph=cuda_graph)
-
-    def reference():
-        with autocast:
-            sample_tokens_uncached(model, cond, settings)
-
-    ours()  # warm-up
-    cached = min(timed(ours, device) for _ in range(repeats))
-    uncached = timed(reference, device)  # one run: it is the slow side
-    row = {"preset": preset, "tokens": side * side, "batch_size": batch, "cfg_scale": cfg_scale,
-           "greedy_tokens_identical": identical, "ours_images_per_s": round(batch / cached, 2),
-           "reference_images_per_s": round(batch / uncached, 3), "speedup": round(uncached / cached, 1)}
-    if device.type == "cuda":  # the same loop with the single-token step replayed as a CUDA graph
+    with torch.device(device):
+        model = GPT(shape).eval()
+    cuda = device.type == "cuda"
+    batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [CPU_BATCH[preset]]
+    step_parameters = decode_step_parameters(model)
+    row = {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()),
+           "decode_step_parameters": step_parameters, "tokens": shape.n_tokens, "cfg_scale": args.cfg_scale,
+           "top_k": args.top_k, "dtype": "bf16" if cuda else "fp32", "bucket": args.bucket,
+           "bounds": {}, "reference": None, "paths": {}}
+    report.add(row)
+    for batch in batches:
+        if args.bandwidth:
+            row["bounds"][str(batch)] = bound(shape, step_parameters, batch, args.cfg_scale, 2 if cuda else 4,
+                                              args.bandwidth, args.peak_flops)
+    settings = Sampling(temperature=1.0, top_k=args.top_k, cfg_scale=args.cfg_scale)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    cache_dtype = torch.bfloat16 if cuda else None
+    greedy = Sampling(greedy=True, cfg_scale=args.cfg_scale)
+    parity_cond = conditions(args.parity_rows, shape.cond_dim, device, seed=1)
+    want = sample_tokens_uncached(model, parity_cond, greedy)  # fp32, as every path's parity run
+    plain = sample_tokens(model, parity_cond, greedy)  # the same matrix shapes as every cached path
+    time_reference = args.time_reference == "yes" or (args.time_reference == "auto" and not cuda)
+    if time_reference:
+        cond = conditions(batches[0], shape.cond_dim, device)
+        seconds = timed(lambda: sample_tokens_uncached(model, cond, settings), device)  # once: the slow side
+        row["reference"] = {"batch_size": batches[0], "images_per_s": round(batches[0] / seconds, 4)}
+        report.save()
+    for path in args.paths.split(","):
+        result = row["paths"][path] = {}
         try:
-            row.update(graph_row(model, cond, greedy, cache_dtype, autocast, ours, uncached, batch, repeats, device))
-        except RuntimeError as exc:  # report, don't lose the other numbers
-            row["graph_error"] = str(exc)[:300]
-    return row
+            if path == "graph" and cuda:  # probes the Triton kernel: last, as a crash there ends the process
+                row["graph_attention"] = "kernel" if kernel_runs(model.head.weight.device, torch.bfloat16) \
+                    else "bucket"
+            got = sample(path, model, parity_cond, greedy, None, args.bucket)
+            result["greedy_parity"] = bool(torch.equal(got, want))
+            # a near-tie can flip one argmax between the reference's matrix shapes and a cached step's;
+            # the cached paths share theirs, so this says whether a mismatch is the path's own doing
+            result["greedy_matches_plain"] = bool(torch.equal(got, plain))
+            for batch in batches:
+                cond = conditions(batch, shape.cond_dim, device)
+
+                def call(cond=cond, path=path):
+                    with autocast:
+                        sample(path, model, cond, settings, cache_dtype, args.bucket)
+
+                call()  # warm-up: compiles and captures
+                best = min(timed(call, device) for _ in range(args.repeats))
+                entry = {"images_per_s": round(batch / best, 2),
+                         "ms_per_step": round(1000 * best / shape.n_tokens, 3)}
+                if str(batch) in row["bounds"]:
+                    entry["of_bound"] = round(batch / best / row["bounds"][str(batch)]["images_per_s"], 3)
+                if row["reference"] and row["reference"]["batch_size"] == batch:
+                    entry["speedup"] = round(batch / best / row["reference"]["images_per_s"], 1)
+                result[str(batch)] = entry
+                report.save()
+        except Exception as exc:  # noqa: BLE001 - report it and go on: the other paths' numbers still count
+            result["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            report.save()
+    if args.profile and cuda:
+        row["profile"] = profile_sampling(model, conditions(batches[-1], shape.cond_dim, device), settings, autocast)
+        report.save()
 
 
-def graph_row(model, cond, greedy, cache_dtype, autocast, ours, uncached, batch, repeats, device) -> dict:
-    """The CUDA-graph variant's throughput, and whether its greedy tokens equal the plain loop's."""
-    with autocast:
-        graphed_greedy = sample_tokens(model, cond[:2], greedy, cache_dtype=cache_dtype, cuda_graph=True)
-        plain_greedy = sample_tokens(model, cond[:2], greedy, cache_dtype=cache_dtype)
-    ours(cuda_graph=True)
-    graphed = min(timed(lambda: ours(cuda_graph=True), device) for _ in range(repeats))
-    return {"graph_images_per_s": round(batch / graphed, 2), "graph_speedup": round(uncached / graphed, 1),
-            "graph_greedy_tokens_identical": torch.equal(graphed_greedy, plain_greedy)}
+def profile_sampling(model: GPT, cond: torch.Tensor, s: Sampling, autocast) -> dict:
+    """Kernel times of one batch through the library's graphed path, and through the same static steps run
+    eagerly (every kernel visible to the profiler, whatever it sees inside graphs)."""
+    out = {"batch_size": len(cond)}
+    for name, graphs in (("graphed", True), ("static_steps_eager", False)):
+        try:
+            with autocast:
+                out[name] = kernel_times(lambda graphs=graphs: sample_tokens_graphed(
+                    model, cond, s, cache_dtype=torch.bfloat16, graphs=graphs))
+        except Exception as exc:  # noqa: BLE001 - a diagnosis only
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,mid")
-    parser.add_argument("--batch-size", type=int, default=0)
+    parser.add_argument("--batch-sizes", default="", help="comma-separated; default 64,256 on CUDA, "
+                        f"one per preset on CPU {CPU_BATCH}")
+    parser.add_argument("--paths", default="", help=f"comma-separated from {list(PATHS)}; default: all on "
+                        "CUDA, plain,graph-bucket,graph-exact on CPU")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--bucket", type=int, default=16, help="positions per graph for graph-bucket")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parity-rows", type=int, default=2)
+    parser.add_argument("--time-reference", choices=["auto", "yes", "no"], default="auto")
+    parser.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in B/s for the bound; "
+                        "default 4.8e12 (H200) on CUDA, none on CPU")
+    parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s for the bound")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="on CUDA, also record the kernel times of one "
+                        "call at the largest batch size (graphed, and the same steps eagerly)")
+    parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after every path)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [bench(p, args.batch_size, args.cfg_scale, args.repeats, device) for p in args.presets.split(",")]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{os.cpu_count()}"
-    print(json.dumps({"benchmark": "sample", "device": name, "threads": torch.get_num_threads(), "results": rows}))
+    if device.type == "cuda":
+        args.batch_sizes = args.batch_sizes or "64,256"
+        args.bandwidth = 4.8e12 if args.bandwidth is None else args.bandwidth
+    args.paths = args.paths or (",".join(PATHS) if device.type == "cuda" else "plain,graph-bucket,graph-exact")
+    unknown = set(args.paths.split(",")) - set(PATHS)
+    if unknown:
+        raise SystemExit(f"unknown paths {sorted(unknown)}; choose from {list(PATHS)}")
+    report = Report("sample", device, {"bandwidth": args.bandwidth, "peak_flops": args.peak_flops}, args.out)
+    for preset in args.presets.split(","):
+        bench_preset(preset, args, device, report)
+    report.print()
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ class TrainConfig:
     # torch threads per training process on CPU; null = the cores that are free when training starts. Pin it
     # for reproducible bf16 results (their summation order depends on it) or beside other work.
     cpu_threads: int | None = runtime_only(None)
+    # train-gpt: torch.compile the transformer's blocks and loss (a GPU speed-up; needs Triton and a C
+    # compiler, costs a minute or so of compilation; results differ from eager only by rounding)
+    compile: bool = runtime_only(False)
 
 
 @dataclass

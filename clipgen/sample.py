@@ -5,6 +5,8 @@ single-token step per image token, for the whole batch at once. Classifier-free 
 conditional and the null-conditioned rows in the same batch and mixes their logits,
 ``uncond + scale * (cond - uncond)``. :func:`sample_tokens_uncached` is the reference loop of the public
 CLIP-GEN code (the full prefix recomputed for every new token), kept for parity tests and benchmarks.
+On a GPU, ``sample_tokens(..., cuda_graph=True)`` replays each step as a CUDA graph
+(:mod:`clipgen.sample_graphed`).
 """
 
 from __future__ import annotations
@@ -45,22 +47,40 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def probabilities(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The distribution a token is drawn from: temperature, then top-k and top-p, then softmax (fp32)."""
+    return filter_logits(logits.float() / s.temperature, s.top_k, s.top_p).softmax(-1)
+
+
 def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """Next tokens ``[B]`` from final (guided) logits ``[B, V]``."""
     if s.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / s.temperature, s.top_k, s.top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(probabilities(logits, s), 1, generator=generator)[:, 0]
 
 
-def _guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
+def pick_with_noise(logits: torch.Tensor, s: Sampling, noise: torch.Tensor) -> torch.Tensor:
+    """:func:`pick` with its randomness passed in: ``noise`` ``[B, V]`` fp32 drawn from Exp(1).
+
+    ``argmax(p / noise)`` (the exponential race, a form of the Gumbel-max trick) is how torch.multinomial
+    draws one sample, so noise drawn by ``torch.empty_like(p).exponential_(generator=g)`` gives the token
+    multinomial would give from the same generator state; unlike multinomial it never waits on the host
+    (multinomial checks its input with a sync), so it can run inside a CUDA graph.
+    """
+    if s.greedy:
+        return logits.argmax(-1)
+    return probabilities(logits, s).div_(noise).argmax(-1)
+
+
+def guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
+    """Classifier-free guidance over rows ``[cond; uncond]``: ``uncond + scale * (cond - uncond)``, fp32."""
     if scale == 1.0:
         return logits.float()
     cond, uncond = logits.float().split(batch)
     return uncond + scale * (cond - uncond)
 
 
-def _with_null(model: GPT, cond: torch.Tensor, s: Sampling) -> torch.Tensor:
+def with_null(model: GPT, cond: torch.Tensor, s: Sampling) -> torch.Tensor:
     return torch.cat([cond, model.null(len(cond)).to(cond.dtype)]) if s.cfg_scale != 1.0 else cond
 
 
@@ -70,48 +90,28 @@ def sample_tokens(model: GPT, cond: torch.Tensor, s: Sampling = Sampling(),
                   cuda_graph: bool = False) -> torch.Tensor:
     """Token grids ``[B, N]`` for conditions ``[B, D]`` with the KV cache (see the module doc).
 
-    ``cuda_graph``: capture the single-token step once and replay it for every token (CUDA only),
-    which removes the per-kernel launch cost that dominates small-batch decoding on a GPU.
+    ``cuda_graph``: run each single-token step as a replayed CUDA graph that reads only the filled part of
+    the cache and draws the token itself (:mod:`clipgen.sample_graphed`; CUDA only): no Python between
+    kernels, so the GPU does not idle between small ones. Its draws are this loop's for the same logits;
+    its attention kernel may round differently, so seeded tokens can differ where logits nearly tie.
     """
+    if cuda_graph:
+        from clipgen.sample_graphed import sample_tokens_graphed
+
+        if next(model.parameters()).device.type != "cuda":
+            raise ValueError("cuda_graph sampling needs the model on a CUDA device")
+        return sample_tokens_graphed(model, cond, s, generator, cache_dtype)
     batch, n = len(cond), model.shape.n_tokens
-    rows = _with_null(model, cond, s)
+    rows = with_null(model, cond, s)
     cache = model.new_cache(len(rows), cache_dtype)
     logits = model.prefill(rows, cache)
-    step = _graphed_step(model, cache, len(rows)) if cuda_graph else (lambda feed: model.decode(feed, cache))
     out = torch.empty(batch, n, dtype=torch.long, device=cond.device)
     for i in range(n):
-        token = pick(_guide(logits, batch, s.cfg_scale), s, generator)
+        token = pick(guide(logits, batch, s.cfg_scale), s, generator)
         out[:, i] = token
         if i + 1 < n:
-            logits = step(token.repeat(len(rows) // batch)[:, None])
+            logits = model.decode(token.repeat(len(rows) // batch)[:, None], cache)
     return out
-
-
-def _graphed_step(model: GPT, cache, rows: int):
-    """A replayable CUDA graph of :meth:`GPT.decode_static`; returns ``step(tokens [R, 1]) -> logits``."""
-    if cache.k.device.type != "cuda":
-        raise ValueError("cuda_graph sampling needs the model on a CUDA device")
-    tokens = torch.zeros(rows, 1, dtype=torch.long, device=cache.k.device)
-    cache.position.fill_(cache.length)
-    # the weight casts of an outer bf16 autocast must not be cached across the capture
-    autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
-                              enabled=torch.is_autocast_enabled("cuda"))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), autocast:  # warm-up: writes at the current position, overwritten below
-        model.decode_static(tokens, cache)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), autocast:
-        logits = model.decode_static(tokens, cache)
-
-    def step(feed: torch.Tensor) -> torch.Tensor:
-        tokens.copy_(feed)
-        graph.replay()
-        cache.position.add_(1)
-        return logits
-
-    return step
 
 
 @torch.no_grad()
@@ -119,10 +119,10 @@ def sample_tokens_uncached(model: GPT, cond: torch.Tensor, s: Sampling = Samplin
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """The reference loop: the same sampling, recomputing the whole sequence for every token."""
     batch, n = len(cond), model.shape.n_tokens
-    rows = _with_null(model, cond, s)
+    rows = with_null(model, cond, s)
     out = torch.empty(batch, 0, dtype=torch.long, device=cond.device)
     for _ in range(n):
         fed = out.repeat(len(rows) // batch, 1)
-        token = pick(_guide(model.next_logits_uncached(rows, fed), batch, s.cfg_scale), s, generator)
+        token = pick(guide(model.next_logits_uncached(rows, fed), batch, s.cfg_scale), s, generator)
         out = torch.cat([out, token[:, None]], dim=1)
     return out

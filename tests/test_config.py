@@ -89,3 +89,5 @@ def test_runtime_only_fields_are_not_part_of_the_output_config():
     data = to_dict(cfg.data, output_only=True)
     assert "workers" not in data and "image_size" in data
     assert "workers" in to_dict(cfg.data)
+    train = to_dict(cfg.train, output_only=True)  # compiling changes speed, not the model (up to rounding)
+    assert "compile" not in train and "precision" in train

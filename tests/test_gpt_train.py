@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from clipgen.config import GPTConfig, TrainConfig, VQGANConfig
 from clipgen.models.gpt import load_gpt
 from clipgen.train import loop
 from clipgen.train.gpt import Consistency, Pairs, consistency_loss, fit, join_by_key
+from clipgen.train.overlap import WindowMeans
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +126,30 @@ def test_held_out_scoring_is_spread_over_the_run_and_always_at_the_end():
     assert due == list(range(300, 3001, 300))
     assert [s for s in (50, 60) if loop.evaluation_due(s, 60, 50)] == [50, 60]
     assert loop.evaluation_due(1234, 1234, 50)  # the last step, off the grid
+
+
+def test_window_means_average_the_steps_and_time_only_the_steps():
+    window = WindowMeans(torch.device("cpu"))
+    for value in (1.0, 2.0, 4.5):
+        extra = {"consistency": torch.tensor(value)} if value > 1 else {}
+        window.add({"ce": torch.tensor(value), **extra}, data_seconds=0.001)
+    window.pause()
+    time.sleep(0.05)  # paused (evaluating, saving): not step time
+    window.resume()
+    means, seconds = window.flush(tokens_per_step=10)
+    assert means["ce"] == 2.5 and means["consistency"] == 3.25  # each over the steps that had it
+    assert 0 < seconds < 0.05 and means["step_seconds"] == pytest.approx(seconds / 3)
+    assert means["tokens_per_s"] == pytest.approx(30 / seconds)
+    assert means["data_fraction"] == pytest.approx(0.003 / seconds)
+    window.add({"ce": torch.tensor(7.0)}, data_seconds=0.0)
+    assert window.flush(tokens_per_step=10)[0]["ce"] == 7.0  # a new window
+
+
+def test_compiled_blocks_are_eager_again_after_training():
+    from clipgen.models.gpt import GPT, GPTShape
+    from clipgen.train.gpt import compiled_blocks
+
+    model = GPT(GPTShape(vocab_size=20, n_tokens=6, cond_dim=8, n_layer=2, n_head=2, n_embd=16, n_prefix=2))
+    with compiled_blocks(model, enabled=True):  # compiles lazily: nothing is compiled unless called
+        assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert all(block._compiled_call_impl is None for block in model.blocks)

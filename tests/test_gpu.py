@@ -70,3 +70,98 @@ def test_embed_with_nvimgcodec_on_the_gpu_matches_opencv(tmp_path):
     cosines = (a.vectors * b.vectors).sum(axis=1)
     print(f"embedding cosine, nvimgcodec vs opencv: min {cosines.min():.5f}")
     assert cosines.min() > 0.995
+
+
+# ----------------------------------------------------------------------------- transformer sampling, training
+def small_gpt():
+    from clipgen.models.gpt import GPT, GPTShape
+
+    torch.manual_seed(0)
+    shape = GPTShape(vocab_size=300, n_tokens=40, cond_dim=32, n_layer=3, n_head=4, n_embd=64, n_prefix=4)
+    cond = torch.nn.functional.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    return GPT(shape).cuda().eval(), cond.cuda()
+
+
+@pytest.mark.parametrize(("attention", "bucket"), [("kernel", 16), ("bucket", 16), ("bucket", 7), ("exact", 1)])
+def test_graphed_sampling_gives_the_reference_tokens_under_greedy_decoding(attention, bucket):
+    from clipgen.sample import Sampling, sample_tokens_uncached
+    from clipgen.sample_graphed import sample_tokens_graphed
+
+    model, cond = small_gpt()
+    s = Sampling(greedy=True, cfg_scale=2.0)
+    want = sample_tokens_uncached(model, cond, s)
+    for _ in range(2):  # the second call replays the graphs the first one captured
+        got = sample_tokens_graphed(model, cond, s, attention=attention, bucket=bucket, graphs=True)
+        assert torch.equal(got, want)
+
+
+def test_graphed_seeded_draws_equal_the_plain_loops_and_the_default_runs_in_bf16():
+    from clipgen.sample import Sampling, sample_tokens
+    from clipgen.sample_graphed import sample_tokens_graphed
+
+    model, cond = small_gpt()
+    s = Sampling(top_k=50, top_p=0.95, cfg_scale=2.0)
+    seeded = lambda seed: torch.Generator("cuda").manual_seed(seed)  # noqa: E731
+    plain = sample_tokens(model, cond, s, seeded(3))
+    # exact windows run the plain loop's attention kernel on the same shapes: the same logits, the same draws
+    assert torch.equal(sample_tokens_graphed(model, cond, s, seeded(3), attention="exact"), plain)
+    assert not torch.equal(sample_tokens_graphed(model, cond, s, seeded(4), attention="exact"), plain)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the library's default path, as the benchmark runs it
+        first = sample_tokens(model, cond, s, seeded(5), cache_dtype=torch.bfloat16, cuda_graph=True)
+        again = sample_tokens(model, cond, s, seeded(5), cache_dtype=torch.bfloat16, cuda_graph=True)
+    assert torch.equal(first, again) and first.shape == (3, 40) and 0 <= int(first.min()) <= int(first.max()) < 300
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_attention_kernel_matches_sdpa_over_the_filled_positions(dtype):
+    pytest.importorskip("triton")
+    from clipgen.models.gpt_attention_kernel import attend_filled
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(64, 16, 1, 64, generator=g, device="cuda").to(dtype)
+    keys, values = (torch.randn(64, 16, 260, 64, generator=g, device="cuda").to(dtype) for _ in range(2))
+    for position in (0, 63, 64, 200, 259):
+        got = attend_filled(q, keys, values, torch.tensor([position], device="cuda"))
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), keys[:, :, :position + 1].float(), values[:, :, :position + 1].float())
+        assert torch.allclose(got.float(), want, atol=1e-5 if dtype == torch.float32 else 2e-2), position
+
+
+def test_training_attention_runs_on_flash_attention():
+    """Causal with no mask: SDPA may use FlashAttention, the only kernel allowed here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, cond = small_gpt()
+    tokens = torch.randint(0, 300, (3, 40), device="cuda")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.train()(cond, tokens).float().square().mean().backward()
+
+
+def test_a_training_step_never_waits_for_the_device():
+    """No .item(), no float(tensor), no pageable copy: any of them raises under sync debug mode 'error'."""
+    import torch.nn.functional as F
+
+    from clipgen.config import GPTConfig, TrainConfig
+    from clipgen.data.images_array import ArrayBatches
+    from clipgen.train import loop
+    from clipgen.train.gpt import _step, make_optimizer, token_cross_entropy
+    from clipgen.train.overlap import PinnedRows, WindowMeans
+
+    model, _ = small_gpt()
+    model.train()
+    cfg, train = GPTConfig(batch_size=8, n_prefix=4), TrainConfig(grad_accum=2)
+    info = loop.DistInfo(0, 1, torch.device("cuda"), False)
+    cond = F.normalize(torch.randn(64, 32), dim=-1)
+    rows = PinnedRows((cond, torch.randint(0, 300, (64, 40))), 4, info.device)
+    batches = ArrayBatches(np.arange(64), 4, 0, 0, 1, None)
+    opt, window = make_optimizer(model, cfg), WindowMeans(info.device)
+    step = lambda: _step(model, model, opt, 1e-3, rows, batches, cfg, train, info, None, token_cross_entropy)  # noqa: E731
+    window.add(*step())  # first use: lazy set-up outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            window.add(*step())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    means, _ = window.flush(tokens_per_step=8 * 40)
+    assert 0 < means["ce"] < 10 and means["grad_norm"] > 0

@@ -7,8 +7,9 @@ of the (unit-norm) CLIP embedding and ``t`` are the VQGAN codes in raster order.
 direct path for the condition at every position besides attention to the prefix.
 
 * Pre-norm blocks, ``F.scaled_dot_product_attention`` (flash/efficient kernels on CUDA), GELU MLP.
-* :class:`KVCache` holds each layer's keys and values, preallocated for the whole sequence, so sampling
-  is one prefill over the prefix plus one single-token step per image token.
+* :class:`KVCache` (:mod:`clipgen.models.gpt_cache`) holds each layer's keys and values, preallocated for
+  the whole sequence, so sampling is one prefill over the prefix plus one single-token step per image
+  token; :meth:`GPT.decode_static` is that step with fixed shapes, for CUDA graphs.
 * Condition dropout: during training a fraction of conditions is replaced by a learned null embedding;
   at sampling the null condition gives the unconditional logits for classifier-free guidance.
 * :func:`bridge` closes part of the CLIP modality gap at training time (LAFITE-style noise).
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from clipgen.models.gpt_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -46,35 +49,6 @@ class GPTShape:
         return self.n_prefix + self.n_tokens - 1  # the last token is predicted, never fed
 
 
-class KVCache:
-    """Per-layer keys and values ``[B, H, T_max, D]``, filled from position 0 up to ``length``."""
-
-    def __init__(self, shape: GPTShape, batch: int, device, dtype):
-        head_dim = shape.n_embd // shape.n_head
-        size = (shape.n_layer, batch, shape.n_head, shape.seq_len, head_dim)
-        self.k = torch.zeros(size, device=device, dtype=dtype)
-        self.v = torch.zeros(size, device=device, dtype=dtype)
-        self.length = 0
-        self.token_bias: torch.Tensor | float = 0.0  # the condition's per-token term, set at prefill
-        # static-shape decoding (CUDA graphs): the next position lives on the device, not in Python
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.valid: torch.Tensor | None = None  # [1, T_max] bool, the positions written so far
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` for the positions after ``length``; return all keys and values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-    def write_at_position(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one token's ``k, v`` at ``position``; return the whole (fixed-size) buffers."""
-        self.k[layer].index_copy_(2, self.position, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.position, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
-
-
 class Attention(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
@@ -89,8 +63,7 @@ class Attention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
         if static:  # one token; every shape fixed, the position read on the device
-            k, v = cache.write_at_position(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache.valid)
+            y = cache.attend_at_position(layer, q, k, v)
             return self.proj(y.transpose(1, 2).reshape(b, t, c))
         start = 0
         if cache is not None:
@@ -208,30 +181,38 @@ class GPT(nn.Module):
         """Run the prefix into an empty ``cache``; returns the logits of the first token ``[B, V]``."""
         if cache.length:
             raise ValueError("prefill needs an empty KVCache")
-        cache.token_bias = self._token_bias(cond)
+        cache.set_token_bias(self._token_bias(cond))
         return self._run(self._prefix(cond), 0, cache)[:, -1]
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed the newest token(s) ``[B, t]``; returns the logits of the token after them ``[B, V]``."""
         return self._run(self.tok_emb(tokens) + cache.token_bias, cache.length, cache)[:, -1]
 
-    def decode_static(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_static(self, tokens: torch.Tensor, cache: KVCache, window: int | None = None,
+                      exact: bool = False) -> torch.Tensor:
         """:meth:`decode` of one token ``[B, 1]`` at ``cache.position`` with fixed shapes and no host-side
-        state, so a CUDA graph can capture it. The caller advances ``cache.position`` after each call."""
+        state, so a CUDA graph can capture it; attends over the first ``window`` cache positions (default:
+        all), masking those after the position unless ``exact`` promises ``window == position + 1``
+        (:meth:`KVCache.set_window`). The caller advances ``cache.position`` after each call."""
         x = self.tok_emb(tokens) + cache.token_bias + self.pos_emb[0].index_select(0, cache.position)[None]
-        cache.valid = (torch.arange(cache.k.shape[3], device=tokens.device) <= cache.position)[None]
+        cache.set_window(window or cache.capacity, exact, self._compute_dtype(x.device.type))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, static=True)
         return self.head(self.ln_f(x))[:, -1]
+
+    def _compute_dtype(self, device_type: str) -> torch.dtype:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.head.weight.dtype
 
     def next_logits_uncached(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of the token after ``tokens [B, t]`` recomputed from scratch: the reference loop's step."""
         x = torch.cat([self._prefix(cond), self.tok_emb(tokens) + self._token_bias(cond)], dim=1)
         return self._run(x, 0, None)[:, -1]
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None, capacity: int | None = None) -> KVCache:
         param = next(self.parameters())
-        return KVCache(self.shape, batch, param.device, dtype or param.dtype)
+        return KVCache(self.shape, batch, param.device, dtype or param.dtype, capacity)
 
 
 # ------------------------------------------------------------------------------- modality bridge

@@ -15,6 +15,11 @@ AdamW (no decay on biases, norms, embeddings of position and null), linear warm-
 clipping, bf16 autocast on CUDA and on CPUs with AMX, DDP under torchrun, exact resume (weights, optimiser,
 step, RNG, data position), a progress bar, validation loss on held-out keys and ``metrics.jsonl``. The output
 folder holds ``model.safetensors`` + ``config.json`` (:func:`clipgen.models.gpt.load_gpt`) and ``summary.json``.
+
+Speed on a GPU: a step is queued without the host ever waiting for it (batches from pinned memory, losses
+summed on the device and read once per log window: :mod:`clipgen.train.overlap`), attention is SDPA's
+causal kernel with no mask (FlashAttention on CUDA), AdamW is fused, and ``train.compile`` compiles the
+blocks and the loss with ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,10 +37,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from clipgen.config import GPTConfig, TrainConfig
+from clipgen.config import GPTConfig, TrainConfig, to_dict
 from clipgen.data.images_array import ArrayBatches
 from clipgen.models.gpt import GPT, GPTShape, bridge, save_gpt
 from clipgen.train import loop
+from clipgen.train.overlap import PinnedRows, WindowMeans
 
 CODE_VERSION = "1"
 VAL_MAX = 1024  # held-out pairs scored for the validation loss
@@ -93,8 +99,7 @@ def model_shape(cfg: GPTConfig, vocab_size: int, n_tokens: int, cond_dim: int) -
 
 def _run_config(cfg: GPTConfig, train: TrainConfig, shape: GPTShape) -> dict[str, Any]:
     return {"code_version": CODE_VERSION, "shape": dataclasses.asdict(shape), "gpt": dataclasses.asdict(cfg),
-            "train": {k: v for k, v in dataclasses.asdict(train).items()
-                      if k not in ("devices", "nodes", "log_every", "ckpt_every")}}
+            "train": to_dict(train, output_only=True)}  # runtime-only keys may change on resume
 
 
 def make_optimizer(model: GPT, cfg: GPTConfig) -> torch.optim.AdamW:
@@ -134,68 +139,103 @@ def _fit(cfg, train, data: Pairs, out_dir: Path, vocab_size, heldout, consistenc
         loop.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
         step, position, seconds = int(state["step"]), state["data"], float(state.get("train_seconds", 0.0))
     model = DDP(raw) if info.world_size > 1 else raw
+    cross_entropy = torch.compile(token_cross_entropy) if train.compile else token_cross_entropy
     batches = ArrayBatches(np.arange(len(data.keys)), micro, train.seed, info.rank, info.world_size, position)
+    rows = PinnedRows((data.cond, data.tokens), micro, info.device)
     metrics = loop.MetricsLog(out_dir / "metrics.jsonl", info.is_main, resume_step=step)
-    rolling = loop.RollingMean(train.log_every)
+    window = WindowMeans(info.device)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-gpt", disable=not (progress and info.is_main),
                mininterval=2.0)
     model.train()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = loop.cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-        with_consistency = consistency is not None and cfg.consistency_weight > 0 and step % cfg.consistency_every == 0
-        data_seconds, logs = 0.0, {}
-        for m in range(train.grad_accum):
-            t_data = time.perf_counter()
-            idx = next(batches)
-            cond = data.cond[idx].to(info.device, non_blocking=True)
-            tokens = data.tokens[idx].to(info.device, non_blocking=True)
-            data_seconds += time.perf_counter() - t_data
-            sync = info.world_size == 1 or m == train.grad_accum - 1
-            with (nullcontext() if sync else model.no_sync()):
-                loss, logs = _loss(model, raw, cond, tokens, cfg, train, info, consistency if with_consistency else None)
-                (loss / train.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if info.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        seconds += elapsed
-        rolling.update(**logs, grad_norm=float(grad_norm), step_seconds=elapsed,
-                       data_fraction=data_seconds / elapsed, tokens_per_s=cfg.batch_size * shape.n_tokens / elapsed)
-        bar.update(1)
-        if step % train.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "lr": lr, "train_seconds": seconds, **rolling.means()}
-            if heldout is not None and len(heldout.keys) and info.is_main and \
-                    loop.evaluation_due(step, cfg.steps, train.log_every):
-                record["val_loss"] = validation_loss(raw, heldout, info.device, train.precision)
-            metrics.write(record)
-            bar.set_postfix(loss=f"{record['ce']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
-        if step % train.ckpt_every == 0 or step == cfg.steps:
-            _save(raw, opt, out_dir, step, run_config, batches.position(), seconds, info)
-        if on_step is not None:
-            on_step(step, logs)
+    with compiled_blocks(raw, train.compile):
+        while step < cfg.steps:
+            lr = loop.cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+            with_consistency = consistency is not None and cfg.consistency_weight > 0 \
+                and step % cfg.consistency_every == 0
+            logs, data_seconds = _step(model, raw, opt, lr, rows, batches, cfg, train, info,
+                                       consistency if with_consistency else None, cross_entropy)
+            step += 1
+            window.add(logs, data_seconds)  # stays on the device: no wait here
+            bar.update(1)
+            if step % train.log_every == 0 or step == cfg.steps:
+                means, window_seconds = window.flush(cfg.batch_size * shape.n_tokens)
+                seconds += window_seconds
+                record = {"step": step, "lr": lr, "train_seconds": seconds, **means}
+                if heldout is not None and len(heldout.keys) and info.is_main and \
+                        loop.evaluation_due(step, cfg.steps, train.log_every):
+                    record["val_loss"] = validation_loss(raw, heldout, info.device, train.precision)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['ce']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
+            if step % train.ckpt_every == 0 or step == cfg.steps:
+                window.pause()
+                _save(raw, opt, out_dir, step, run_config, batches.position(), seconds + window.seconds, info)
+            if on_step is not None:
+                on_step(step, logs)
+            window.resume()
     bar.close()
     return _finish(raw, out_dir, step, seconds, heldout, run_config, info, train.precision)
 
 
-def _loss(model, raw: GPT, cond, tokens, cfg: GPTConfig, train: TrainConfig, info: loop.DistInfo,
-          consistency: Consistency | None) -> tuple[torch.Tensor, dict[str, float]]:
+def _step(model, raw: GPT, opt, lr: float, rows: PinnedRows, batches: ArrayBatches, cfg: GPTConfig,
+          train: TrainConfig, info: loop.DistInfo, consistency: Consistency | None, cross_entropy
+          ) -> tuple[dict[str, torch.Tensor], float]:
+    """One optimiser step over ``train.grad_accum`` micro-batches, queued without waiting for the device;
+    returns its scalars (device tensors) and the seconds spent fetching data."""
+    data_seconds, logs = 0.0, {}
+    for m in range(train.grad_accum):
+        rows.wait_for_buffer()  # the device's own pace, not data time
+        t_data = time.perf_counter()
+        cond, tokens = rows.take(next(batches))
+        data_seconds += time.perf_counter() - t_data
+        sync = info.world_size == 1 or m == train.grad_accum - 1
+        with (nullcontext() if sync else model.no_sync()):
+            loss, logs = _loss(model, cond, tokens, cfg, train, info, consistency, cross_entropy)
+            (loss / train.grad_accum).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {**logs, "grad_norm": grad_norm}, data_seconds
+
+
+def _loss(model, cond, tokens, cfg: GPTConfig, train: TrainConfig, info: loop.DistInfo,
+          consistency: Consistency | None, cross_entropy=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss and its parts, as device scalars (read once per log window, never per step)."""
     drop = torch.rand(len(cond), device=cond.device) < cfg.cond_dropout
     with loop.autocast(info.device, train.precision, matmul_bound=True):
         logits = model(bridge(cond, cfg.bridge, cfg.noise_level), tokens, drop)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        loss, logs = ce, {"ce": ce.item()}
+        ce = (cross_entropy or token_cross_entropy)(logits, tokens)
+        loss, logs = ce, {"ce": ce.detach()}
+        # the consistency loss needs the kept rows on the host (one wait, on its steps only)
         if consistency is not None and bool((~drop).any()):
             c_loss = consistency_loss(logits[~drop], cond[~drop], consistency)
             loss = loss + cfg.consistency_weight * c_loss
-            logs["consistency"] = c_loss.item()
-    logs["loss"] = loss.item()
+            logs["consistency"] = c_loss.detach()
+    logs["loss"] = loss.detach()
     return loss, logs
+
+
+def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+
+
+@contextmanager
+def compiled_blocks(model: GPT, enabled: bool):
+    """Within: each transformer block runs ``torch.compile``d (``nn.Module.compile``, PyTorch's regional
+    compilation recipe: the blocks are alike, so one compilation serves them all, in far less time than
+    compiling the whole model). Undone on exit, so the returned model decodes eagerly. Results match the
+    eager ones up to rounding."""
+    if enabled:
+        for block in model.blocks:
+            block.compile()
+    try:
+        yield
+    finally:
+        if enabled:
+            for block in model.blocks:
+                block._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
 
 
 @torch.no_grad()

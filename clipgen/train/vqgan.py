@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from clipgen.config import TrainConfig, VQGANConfig
+from clipgen.config import TrainConfig, VQGANConfig, to_dict
 from clipgen.data.images_array import ArrayImages, ShardStream, to_model_input
 from clipgen.models import discriminator as losses
 from clipgen.models.lpips import load_lpips
@@ -80,8 +80,7 @@ def evaluate_reconstruction(model: VQGAN, images: np.ndarray, batch_size: int = 
 
 def _run_config(cfg: VQGANConfig, train: TrainConfig, image_size: int) -> dict[str, Any]:
     return {"code_version": CODE_VERSION, "image_size": image_size, "vqgan": dataclasses.asdict(cfg),
-            "train": {k: v for k, v in dataclasses.asdict(train).items()
-                      if k not in ("devices", "nodes", "log_every", "ckpt_every")}}
+            "train": to_dict(train, output_only=True)}  # runtime-only keys may change on resume
 
 
 class _Parts(NamedTuple):
