@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 29's GPU measurements in one go, at most 6 minutes on an H200 (50 + 130 + 150 s of timeouts):
+# Issue 29's GPU measurements in one go, at most 7.5 minutes on an H200 (50 + 130 + 150 + 100 s of timeouts):
 #   tests/test_gpu.py        (pytest -rs)                                  -> OUT/test_gpu.log
 #   benchmarks/sample.py     paper and mid, batch 64 and 256, every path    -> OUT/sample.json (+ sample.log)
 #   benchmarks/train_gpt.py  paper and mid, eager and torch.compile         -> OUT/train_gpt.json (+ .log)
-#   benchmarks/embed.py      only where open_clip and webdataset import     -> OUT/embed.json (+ .log)
+#   benchmarks/embed.py      ViT-B-32 and toy CLIP, both decoders, where open_clip imports (carry it as a
+#                            wheel in .whl/, with nvidia-nvimgcodec-cu13 and nvidia-nvjpeg) -> OUT/embed.json (+ .log)
 # then a short table (OUT/summary.txt). Each part runs under its own timeout and writes its JSON row by row,
 # so a hang or a crash costs only that part's remaining rows. At most 8 files land in OUT (the device
 # machine returns no more). Each JSON names the device, the commit (git, else $GIT_COMMIT) and the date.
@@ -55,10 +56,11 @@ part tests 50 "$OUT/test_gpu.log" "$OUT/test_gpu.log" $PY -m pytest -q -rs -p no
 part sample 130 "$OUT/sample.log" "$OUT/sample.log" $PY benchmarks/sample.py "${SAMPLE[@]}" --out "$OUT/sample.json"
 part train_gpt 150 "$OUT/train_gpt.log" "$OUT/train_gpt.log" \
     $PY benchmarks/train_gpt.py "${TRAIN[@]}" --out "$OUT/train_gpt.json"
-if [ "$SMOKE" != 1 ] && $PY -c "import open_clip, webdataset" 2>/dev/null; then
-    part embed 60 "$OUT/embed.json" "$OUT/embed.log" $PY benchmarks/embed.py --models ViT-B-32 --n 2048 --device cuda
+if [ "$SMOKE" != 1 ] && $PY -c "import open_clip" 2>/dev/null; then
+    part embed 100 "$OUT/embed.json" "$OUT/embed.log" $PY benchmarks/embed.py --models ViT-B-32,toy-clip \
+        --decoders opencv,nvimgcodec --n 10000 --repeats 2 --device cuda
 else
-    echo "embed: skipped (needs open_clip and webdataset)" | tee -a "$OUT/summary.txt"
+    echo "embed: skipped (needs open_clip)" | tee -a "$OUT/summary.txt"
 fi
 echo | tee -a "$OUT/summary.txt"
 $PY benchmarks/summarize.py "$OUT" | tee -a "$OUT/summary.txt"
