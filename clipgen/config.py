@@ -143,6 +143,7 @@ class GPTConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    weight_average: float = 0.0  # decay of an exponential moving average of the weights, which then sample; 0 = off
 
 
 @dataclass
@@ -342,7 +343,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(g.n_embd % g.n_head == 0, "gpt.n_embd", f"{g.n_embd} must be divisible by gpt.n_head={g.n_head}")
     _check(g.n_prefix >= 1, "gpt.n_prefix", "must be >= 1")
     _check(0.0 <= g.cond_dropout < 1.0, "gpt.cond_dropout", "must be in [0, 1)")
-    _check(0.0 <= g.noise_level <= 1.0, "gpt.noise_level", "must be in [0, 1]")
+    _check(0.0 <= g.noise_level <= 2.0, "gpt.noise_level", "must be in [0, 2]")
+    _check(0.0 <= g.weight_average < 1.0, "gpt.weight_average", "must be in [0, 1) (0 = no weight average)")
     _check(s.temperature > 0, "sample.temperature", "must be > 0")
     _check(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
     _check(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")

@@ -52,8 +52,9 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
     assert ce[0] > 2.0 and ce[-1] < 0.3 * ce[0], ce  # ln(20) = 3.0 at the start
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    cfg, train, data = small(), TrainConfig(log_every=2, ckpt_every=2), pairs()
+@pytest.mark.parametrize("weight_average", [0.0, 0.9])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, weight_average):
+    cfg, train, data = small(weight_average=weight_average), TrainConfig(log_every=2, ckpt_every=2), pairs()
     full = fit(cfg, train, data, tmp_path / "full", vocab_size=20, heldout=pairs(8, seed=1), progress=False,
                cpu_threads=1)
 
@@ -72,6 +73,18 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6] and all("val_loss" in r for r in records)
     assert full.summary["val_loss"] > 0
+    assert ("val_loss_last_weights" in full.summary) == (weight_average > 0)
+
+
+def test_the_saved_model_holds_the_weight_average(tmp_path):
+    data, train = pairs(), TrainConfig(log_every=2, ckpt_every=100)
+    plain = fit(small(), train, data, tmp_path / "plain", vocab_size=20, progress=False, cpu_threads=1)
+    averaged = fit(small(weight_average=0.5), train, data, tmp_path / "avg", vocab_size=20, progress=False,
+                   cpu_threads=1)
+    a, b = plain.model.state_dict(), averaged.model.state_dict()  # the same run; only the saved weights differ
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    saved = load_gpt(tmp_path / "avg").state_dict()
+    assert all(torch.equal(saved[k], b[k]) for k in b)
 
 
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path):

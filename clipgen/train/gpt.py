@@ -41,6 +41,7 @@ from clipgen.config import GPTConfig, TrainConfig, to_dict
 from clipgen.data.images_array import ArrayBatches
 from clipgen.models.gpt import GPT, GPTShape, bridge, save_gpt
 from clipgen.train import loop
+from clipgen.train.ema import WeightAverage
 from clipgen.train.overlap import PinnedRows, WindowMeans
 
 CODE_VERSION = "1"
@@ -128,11 +129,14 @@ def _fit(cfg, train, data: Pairs, out_dir: Path, vocab_size, heldout, consistenc
     loop.seed_everything(train.seed)  # the same seed on every rank: identical initial weights
     raw = GPT(shape).to(info.device)
     opt = make_optimizer(raw, cfg)
+    average = WeightAverage(raw, cfg.weight_average) if cfg.weight_average > 0 else None
     step, position, seconds = 0, None, 0.0
     ckpt = loop.latest_checkpoint(out_dir / "checkpoints")
     if ckpt is not None:
         loop.check_same_config(ckpt, run_config)
         raw.load_state_dict(loop.load_weights(ckpt, "model"))
+        if average is not None:
+            average.load_state_dict(loop.load_weights(ckpt, "ema"))
         state = loop.load_train_state(ckpt)
         opt.load_state_dict(state["optimizers"]["gpt"])
         rngs = state["rng"]
@@ -154,6 +158,8 @@ def _fit(cfg, train, data: Pairs, out_dir: Path, vocab_size, heldout, consistenc
                 and step % cfg.consistency_every == 0
             logs, data_seconds = _step(model, raw, opt, lr, rows, batches, cfg, train, info,
                                        consistency if with_consistency else None, cross_entropy)
+            if average is not None:
+                average.update(raw)
             step += 1
             window.add(logs, data_seconds)  # stays on the device: no wait here
             bar.update(1)
@@ -168,12 +174,13 @@ def _fit(cfg, train, data: Pairs, out_dir: Path, vocab_size, heldout, consistenc
                 bar.set_postfix(loss=f"{record['ce']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
             if step % train.ckpt_every == 0 or step == cfg.steps:
                 window.pause()
-                _save(raw, opt, out_dir, step, run_config, batches.position(), seconds + window.seconds, info)
+                _save(raw, average, opt, out_dir, step, run_config, batches.position(), seconds + window.seconds,
+                      info)
             if on_step is not None:
                 on_step(step, logs)
             window.resume()
     bar.close()
-    return _finish(raw, out_dir, step, seconds, heldout, run_config, info, train.precision)
+    return _finish(raw, average, out_dir, step, seconds, heldout, run_config, info, train.precision)
 
 
 def _step(model, raw: GPT, opt, lr: float, rows: PinnedRows, batches: ArrayBatches, cfg: GPTConfig,
@@ -257,22 +264,29 @@ def validation_loss(model: GPT, pairs: Pairs, device: torch.device, precision: s
     return total / max(1, count)
 
 
-def _save(raw: GPT, opt, out_dir: Path, step: int, run_config: dict, position: dict, seconds: float,
-          info: loop.DistInfo) -> None:
+def _save(raw: GPT, average: WeightAverage | None, opt, out_dir: Path, step: int, run_config: dict, position: dict,
+          seconds: float, info: loop.DistInfo) -> None:
     rngs = loop.all_rng_states(info)  # collective: every rank takes part
     if info.is_main:
         state = {"optimizers": {"gpt": opt.state_dict()}, "rng": rngs, "data": position, "train_seconds": seconds}
-        loop.save_checkpoint(out_dir / "checkpoints", step, {"model": raw.state_dict()}, run_config, state)
+        weights = {"model": raw.state_dict(), **({"ema": average.state_dict()} if average is not None else {})}
+        loop.save_checkpoint(out_dir / "checkpoints", step, weights, run_config, state)
 
 
-def _finish(raw: GPT, out_dir: Path, step: int, seconds: float, heldout: Pairs | None, run_config: dict,
-            info: loop.DistInfo, precision: str) -> FitResult:
+def _finish(raw: GPT, average: WeightAverage | None, out_dir: Path, step: int, seconds: float,
+            heldout: Pairs | None, run_config: dict, info: loop.DistInfo, precision: str) -> FitResult:
+    """Save the sampling weights, the weight average where there is one, and the summary."""
     raw.eval()
     summary: dict[str, Any] = {"step": step, "train_seconds": round(seconds, 1),
                                "parameters": sum(p.numel() for p in raw.parameters())}
     if info.device.type == "cpu":  # bf16 results depend on it (summation order), so it is on record
         summary["cpu_threads"] = torch.get_num_threads()
-    if heldout is not None and len(heldout.keys):
+    scored = heldout is not None and len(heldout.keys)
+    if average is not None:
+        if scored:  # the last step's weights, for comparison with their average
+            summary["val_loss_last_weights"] = round(validation_loss(raw, heldout, info.device, precision), 4)
+        average.copy_to(raw)  # from here on the model (saved and returned) holds the average
+    if scored:
         summary["val_loss"] = round(validation_loss(raw, heldout, info.device, precision), 4)
     if info.is_main:
         save_gpt(raw, out_dir, extra={"step": step, "run": run_config})
