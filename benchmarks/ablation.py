@@ -7,7 +7,7 @@ per variant with the report's headline: FD over its real floor in the run's CLIP
 feature space, precision and recall, judge accuracy per attribute, and the seconds the transformer trained
 and the report took. Every variant uses the same seeds. The last line holds all rows.
 
-    python benchmarks/ablation.py [--pipeline pipelines/shapes.yaml] [--variants FILE.json] [--only NAME,...]
+    python benchmarks/ablation.py [--pipeline pipelines/shapes.yaml] [--variants FILE.json] [--only 1,3]
 
 A variants file is a JSON list of ``{"name": ..., "overrides": ["gpt.noise_level=0.5", ...]}``; without
 one the built-in list below runs, from the old defaults to the shipped ones.
@@ -24,10 +24,29 @@ from clipgen.config import load_config
 from clipgen.pipeline import plan, run_step
 
 # From main's defaults before the distribution work, one change at a time, to the shipped defaults.
-BEFORE = ["gpt.noise_level=0.2", "sample.bridge=none", "sample.cfg_scale=2.0", "sample.rerank_candidates=4"]
-VARIANTS = [
-    {"name": "before: train noise 0.2, no inference bridge, guidance 2, CLIP-best of 4", "overrides": BEFORE},
+BEFORE = ["gpt.noise_level=0.2", "gpt.weight_average=0", "sample.bridge=none", "sample.cfg_scale=2.0",
+          "sample.rerank_candidates=4", "sample.rerank_against=prompt", "sample.knn_spread=0.225"]
+STEPS = [
+    ("before: train noise 0.2, no inference bridge, guidance 2, CLIP-best of 4 against the prompt", []),
+    ("train noise 0.6 (training conditions as far from the image as a text is)", ["gpt.noise_level=0.6"]),
+    ("kNN bridge: each draw's variation from a train image near the prompt", ["sample.bridge=knn"]),
+    ("re-ranking against each draw's own condition", ["sample.rerank_against=condition"]),
+    ("8 candidates per image (shipped)", ["sample.rerank_candidates=8"]),
 ]
+
+def cumulative(start: list[str], steps: list[tuple[str, list[str]]]) -> list[dict]:
+    """One variant per step, each holding its own overrides on top of all the steps before it."""
+    variants, overrides = [], list(start)
+    for name, change in steps:
+        keys = {c.split("=")[0] for c in change}
+        overrides = [o for o in overrides if o.split("=")[0] not in keys] + change
+        variants.append({"name": name, "overrides": overrides})
+    return variants
+
+
+VARIANTS = cumulative(BEFORE, STEPS)
+VARIANTS += cumulative(VARIANTS[1]["overrides"], [  # measured beside the shipped path, not taken
+    ("not shipped: train noise 0.6 with a weight average (EMA 0.998)", ["gpt.weight_average=0.998"])])
 HEADLINE = ("fd_over_floor", "fd_judge_over_floor", "precision", "recall", "judge_seen", "judge_held_out",
             "judge_shape", "judge_colour", "judge_size", "judge_background", "clip_score")
 
@@ -51,11 +70,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default="pipelines/shapes.yaml")
     parser.add_argument("--variants", type=Path, help="a JSON list of {name, overrides}; default: the built-in list")
-    parser.add_argument("--only", help="comma-separated variant names to run")
+    parser.add_argument("--only", help="comma-separated variant numbers to run, from 1, e.g. 1,3")
     args = parser.parse_args()
     variants = json.loads(args.variants.read_text()) if args.variants else VARIANTS
     if args.only:
-        variants = [v for v in variants if v["name"] in args.only.split(",")]
+        variants = [variants[int(i) - 1] for i in args.only.split(",")]
     rows = []
     for variant in variants:
         rows.append(run_variant(args.pipeline, variant["name"], variant["overrides"]))

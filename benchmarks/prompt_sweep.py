@@ -1,13 +1,15 @@
 """Sweep of the sampling settings on a finished shapes run, scored on distribution and accuracy together.
 
-For every combination of inference bridge (none / noise / knn), guidance scale and re-ranking, draw the
+For every combination of inference bridge (none / noise / knn, the last at each ``--spreads``), guidance
+scale, re-ranking and what re-ranking compares with (the prompt, or each draw's own condition), draw the
 evaluation's images and measure FD over its real floor in two feature spaces (the run's CLIP, which
 re-ranking optimises, and the judge's, which nothing optimises), precision and recall, and the judge's
 accuracy per attribute (:mod:`clipgen.sweep`). The chosen setting is the one closest to the real
 distribution among those that hold the accuracy floor; the defaults in ``pipelines/shapes.yaml`` are it.
 Prints one JSON line per setting and a final summary line.
 
-    python benchmarks/prompt_sweep.py --run runs/shapes [--scales 1,1.5,2] [--rerank 0,4] [--set k=v]
+    python benchmarks/prompt_sweep.py --run runs/shapes [--scales 1,1.5,2] [--rerank 0,4] [--spreads 0.3,0.5]
+        [--rerank-against prompt,condition] [--set k=v]
 
 An ablation's transformer is named by the same overrides it was trained with, e.g. after
 ``clipgen run pipelines/shapes.yaml --stages train-gpt --set gpt.noise_level=0.5``:
@@ -18,10 +20,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 
 from clipgen.cli import load_run_config
 from clipgen.sweep import ACCURACY_FLOOR, choose_setting, distance, score_setting, sweep_context
+
+
+def settings(cfg, args) -> list[dict]:
+    """The sampling settings to score, as SampleConfig fields."""
+    out = []
+    for bridge in args.bridges.split(","):
+        if bridge == "noise" and cfg.gpt.bridge != "noise":
+            continue  # the noise bridge reuses the transformer's training noise, and it was trained without
+        spreads = [float(v) for v in args.spreads.split(",")] if bridge == "knn" else [cfg.sample.knn_spread]
+        for spread, scale, rerank in itertools.product(spreads, (float(v) for v in args.scales.split(",")),
+                                                       (int(v) for v in args.rerank.split(","))):
+            for against in args.rerank_against.split(",") if rerank > 1 else [cfg.sample.rerank_against]:
+                out.append({"bridge": bridge, "knn_spread": spread, "cfg_scale": scale, "rerank_candidates": rerank,
+                            "rerank_against": against})
+    return out
 
 
 def main() -> None:
@@ -30,23 +48,21 @@ def main() -> None:
     parser.add_argument("--bridges", default="none,noise,knn")
     parser.add_argument("--scales", default="1,1.5,2")
     parser.add_argument("--rerank", default="0,4")
+    parser.add_argument("--spreads", default="0.5", help="sample.knn_spread values for the knn bridge")
+    parser.add_argument("--rerank-against", default="prompt,condition")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides naming which transformer to sweep, e.g. --set gpt.steps=1000")
     args = parser.parse_args()
     cfg = load_run_config(args.run, args.overrides)
     ctx = sweep_context(cfg)
     rows = []
-    for bridge in args.bridges.split(","):
-        if bridge == "noise" and cfg.gpt.bridge != "noise":
-            continue  # the noise bridge reuses the transformer's training noise, and it was trained without
-        for scale in (float(v) for v in args.scales.split(",")):
-            for rerank in (int(v) for v in args.rerank.split(",")):
-                s = dataclasses.replace(cfg.sample, bridge=bridge, cfg_scale=scale, rerank_candidates=rerank)
-                row = {"bridge": bridge, "cfg_scale": scale, "rerank": rerank, **score_setting(ctx, s)}
-                row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-                row["distance"] = round(distance(row), 3)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for setting in settings(cfg, args):
+        s = dataclasses.replace(cfg.sample, **setting)
+        row = {**setting, **score_setting(ctx, s)}
+        row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+        row["distance"] = round(distance(row), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print(json.dumps({"benchmark": "prompt_sweep", "images_per_prompt": cfg.eval.images_per_prompt,
                       "floor": {k: round(v, 4) for k, v in ctx.floor.items()}, "accuracy_floor": ACCURACY_FLOOR,
                       "chosen": choose_setting(rows), "rows": rows}))

@@ -145,7 +145,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = check_prompts(args.prompts)  # a bad prompt fails before any model loads
     cfg = load_run_config(args.run, args.overrides)
     knobs = {"n_per_prompt": args.n, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-             "cfg_scale": args.cfg_scale, "bridge": args.bridge, "rerank_candidates": args.rerank, "seed": args.seed}
+             "cfg_scale": args.cfg_scale, "bridge": args.bridge, "rerank_candidates": args.rerank,
+             "rerank_against": args.rerank_against, "seed": args.seed}
     settings = dataclasses.replace(cfg.sample, **{k: v for k, v in knobs.items() if v is not None})
     if settings.n_per_prompt < 1 or settings.rerank_candidates < 0:
         raise ConfigError("-n must be >= 1 and --rerank >= 0")
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1.0 = off)")
     p.add_argument("--bridge", choices=["none", "noise", "knn"], help="text-to-image embedding bridge")
     p.add_argument("--rerank", type=int, help="candidates drawn per image, the CLIP-best kept (0 = off)")
+    p.add_argument("--rerank-against", choices=["prompt", "condition", "both"],
+                   help="re-rank by CLIP similarity to the prompt, to each draw's bridged condition, or to both")
     p.add_argument("--seed", type=int)
     _add_config_args(p)
     p.set_defaults(func=cmd_generate)

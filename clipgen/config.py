@@ -175,9 +175,12 @@ class SampleConfig:
     top_p: float = 1.0  # 1.0 = off
     cfg_scale: float = 1.0
     bridge: Literal["none", "noise", "knn"] = "knn"
-    knn_k: int = 8
-    knn_blend: float = 0.5
+    knn_k: int = 2048  # train image embeddings a text's ``knn`` draws come from (clipgen.generate.bridge_text)
+    knn_temperature: float = 0.05  # their weights: softmax(cos / temperature); lower keeps the closest ones
+    knn_spread: float = 0.25  # how far a draw's neighbour moves the text: spread * (neighbour - mean) / RMS of that
     rerank_candidates: int = 0  # sample this many per image and keep the CLIP-best; 0 = off
+    rerank_against: Literal["prompt", "condition", "both"] = "prompt"  # CLIP-best against the text, the draw's
+    # own bridged condition, or the two together (clipgen.generate)
     seed: int = 0
 
 
@@ -348,7 +351,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(s.temperature > 0, "sample.temperature", "must be > 0")
     _check(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
     _check(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
-    _check(0.0 <= s.knn_blend <= 1.0, "sample.knn_blend", "must be in [0, 1]")
+    _check(0.0 <= s.knn_spread <= 1.0, "sample.knn_spread", "must be in [0, 1] (0 = the text unchanged)")
+    _check(s.knn_temperature > 0, "sample.knn_temperature", "must be > 0")
     _check(s.knn_k >= 1, "sample.knn_k", "must be >= 1")
     _check(s.bridge != "noise" or (g.bridge == "noise" and g.noise_level > 0), "sample.bridge",
            "noise adds the transformer's training noise (gpt.noise_level with gpt.bridge: noise), and this "

@@ -5,12 +5,16 @@
 1. encodes the prompts with the CLIP text tower;
 2. bridges the text embedding of every draw on its own towards the image embeddings the transformer was
    trained on: ``none``; ``noise`` (the training-time LAFITE perturbation at the transformer's level, fresh
-   noise per draw); or ``knn``: ``normalize((1 - w) * text + w * neighbour)`` with the neighbour drawn per
-   draw among the ``k`` image embeddings nearest the text (faiss index);
+   noise per draw); or ``knn``: each draw takes one of the ``k`` train image embeddings nearest the text
+   (faiss index), picked with weight ``softmax(cos / temperature)``, and keeps the text as the mean but the
+   neighbour's offset from the weighted mean of the ``k`` (scaled to RMS length ``spread``) as its variation:
+   ``normalize(text + spread * (neighbour - mean) / rms)``;
 3. samples token grids with the KV cache, temperature, top-k, top-p and classifier-free guidance;
 4. decodes them with the VQGAN;
 5. optionally draws ``rerank_candidates`` per image and keeps the one whose CLIP image embedding is
-   closest to the prompt;
+   closest to the prompt (``rerank_against: prompt``), to the draw's own bridged condition (``condition``:
+   the candidates compete on matching the variation the bridge drew, so re-ranking keeps the spread), or to
+   the two together (``both``);
 6. scores every image (CLIP score = 100 * max(cos, 0); the judge's verdict where the shapes world has one).
 
 One generator seeded with ``sample.seed`` draws fixed batches in order, so the same seed and settings
@@ -94,9 +98,17 @@ def warn_truncated(clip, prompts: list[str]) -> list[int]:
 def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
     """Move unit-norm text embeddings ``[R, D]`` towards the image-embedding distribution, each row on its own
-    draw: ``noise`` adds fresh noise per row, ``knn`` blends in one neighbour per row, drawn at random among the
-    ``knn_k`` image embeddings nearest that row's text. So repeated rows of one prompt get different conditions,
-    and the draws of a prompt spread over the images it describes instead of repeating one picture."""
+    draw, so that the draws of one prompt spread over the images it describes instead of repeating one picture.
+
+    ``noise`` adds fresh noise per row at the transformer's training level. ``knn`` treats the ``knn_k`` train
+    image embeddings nearest a text as samples of the images that text describes, weighted by
+    ``softmax(cos / knn_temperature)``: each row draws one of them by weight, and its condition is the text
+    moved by that neighbour's offset from their weighted mean, ``normalize(text + knn_spread * (e - mean) /
+    rms)``, where ``rms`` is the weighted RMS length of the offsets. The text fixes what is drawn (the mean),
+    the neighbour how this draw varies from it (size, place, background); a blend towards the neighbour itself
+    would also pull towards the neighbour's own shape and colour. Dividing by ``rms`` gives every prompt steps
+    of one typical length ``knn_spread``: a prompt whose combination no train image shows (a held-out pair)
+    has neighbours of mixed shapes and colours, twice as spread, and unscaled steps would carry it off."""
     if s.bridge == "none":
         return text
     if s.bridge == "noise":
@@ -108,11 +120,24 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
     from clipgen.index import search
 
     unique, row_of = torch.unique(text, dim=0, return_inverse=True)  # search each distinct text once
-    found = search(gen.index, unique.float().cpu().numpy(), s.knn_k)
-    pick = torch.randint(s.knn_k, (len(text),), generator=generator, device=text.device).cpu()
-    rows = found.rows[row_of.cpu().numpy(), pick.numpy()]
-    neighbours = torch.from_numpy(gen.index_vectors[np.where(rows >= 0, rows, 0)]).to(text)
-    return F.normalize((1 - s.knn_blend) * text + s.knn_blend * F.normalize(neighbours, dim=-1), dim=-1)
+    found = search(gen.index, unique.float().cpu().numpy(), min(s.knn_k, len(gen.index_vectors)))
+    rows = np.where(found.rows >= 0, found.rows, 0)  # faiss marks missing neighbours with -1: weight 0
+    cos = torch.from_numpy(found.scores).float().masked_fill(torch.from_numpy(found.rows < 0), -torch.inf)
+    weights = torch.softmax(cos / s.knn_temperature, dim=-1)  # [U, k]
+
+    def neighbours(index_rows: np.ndarray) -> torch.Tensor:
+        return F.normalize(torch.from_numpy(gen.index_vectors[index_rows]).float(), dim=-1)
+
+    mean, rms = [], []  # per distinct text, one at a time: the weighted mean and RMS distance from it
+    for w, r in zip(weights, rows, strict=True):
+        vectors = neighbours(r)
+        mean.append(w @ vectors)
+        rms.append((w @ (vectors - mean[-1]).pow(2).sum(-1)).sqrt())
+    mean, rms = torch.stack(mean), torch.stack(rms).clamp_min(1e-6)
+    pick = torch.multinomial(weights.to(text.device)[row_of], 1, generator=generator)[:, 0].cpu()  # [R]
+    row_of = row_of.cpu()
+    offset = (neighbours(rows[row_of.numpy(), pick.numpy()]) - mean[row_of]) / rms[row_of, None]
+    return F.normalize(text.float() + s.knn_spread * offset.to(text.device), dim=-1).to(text.dtype)
 
 
 def sampling_of(s: SampleConfig) -> Sampling:
@@ -128,7 +153,11 @@ def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: in
     text = gen.clip.encode_texts(prompts).to(device)
     rows = torch.arange(len(prompts), device=device).repeat_interleave(s.n_per_prompt * max(1, s.rerank_candidates))
     cond = bridge_text(gen, text[rows], s, torch.Generator(device=device).manual_seed(s.seed))
-    images, scores, draws = draw(gen, cond, text[rows], s, batch_size)
+    prompt = text[rows]
+    target = {"prompt": prompt, "condition": cond, "both": F.normalize(prompt + cond, dim=-1)}[s.rerank_against]
+    images, scores, draws = draw(gen, cond, target, s, batch_size)
+    if s.rerank_against != "prompt":  # the CLIP score reported is always against the prompt
+        scores = clip_scores(gen.clip, images, prompt[draws].cpu())
     verdict = gen.judge.predict(images) if gen.judge is not None else None
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "prompts"} | {"batch_size": batch_size}
     return Generated(images, [p for p in prompts for _ in range(s.n_per_prompt)], draws, scores.numpy(),

@@ -6,10 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clipgen.cli import main
 from clipgen.config import load_config
-from clipgen.generate import PromptError, bridge_text, check_prompts, generate
+from clipgen.generate import PromptError, bridge_text, check_prompts, clip_scores, draw, generate
 from clipgen.pipeline import plan, run_step, save_run_config
 from clipgen.stages.generate import load_generator
 
@@ -30,7 +31,7 @@ def test_same_seed_same_images_other_seed_other_images(gen, tiny_run):
 
 
 def test_rerank_keeps_the_clip_best_of_each_group(gen, tiny_run):
-    s = dataclasses.replace(tiny_run.sample, n_per_prompt=2, rerank_candidates=3, seed=1)
+    s = dataclasses.replace(tiny_run.sample, n_per_prompt=2, rerank_candidates=3, rerank_against="prompt", seed=1)
     reranked = generate(gen, ["a green square"], s)
     pool = generate(gen, ["a green square"], dataclasses.replace(s, n_per_prompt=6, rerank_candidates=0))
     assert len(reranked.images) == 2
@@ -38,20 +39,46 @@ def test_rerank_keeps_the_clip_best_of_each_group(gen, tiny_run):
     assert np.allclose(reranked.clip_scores, best, atol=1e-4)
 
 
-def test_bridges_move_the_text_embedding_towards_the_images(gen, tiny_run):
-    text = gen.clip.encode_texts(["a red circle"])
-    s = tiny_run.sample
-    assert torch.equal(bridge_text(gen, text, dataclasses.replace(s, bridge="none")), text)
-    knn = bridge_text(gen, text, dataclasses.replace(s, bridge="knn", knn_blend=1.0, knn_k=4))
-    images = torch.from_numpy(gen.index_vectors)
-    assert (images @ knn[0]).max() > (images @ text[0]).max()  # now closer to some training image
-    assert torch.allclose(knn.norm(dim=-1), torch.ones(1), atol=1e-5)
+def test_rerank_against_the_condition_keeps_the_best_match_to_each_draws_own_condition(gen, tiny_run):
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=16, knn_spread=0.5, n_per_prompt=2,
+                            rerank_candidates=3, rerank_against="condition", seed=2)
+    kept = generate(gen, ["a green square"], s)
+    text = gen.clip.encode_texts(["a green square"])
+    cond = bridge_text(gen, text.repeat(6, 1), s, torch.Generator().manual_seed(2))
+    pool, _, _ = draw(gen, cond, cond, dataclasses.replace(s, rerank_candidates=0))  # all 6 candidates
+    against_cond = clip_scores(gen.clip, pool, cond)
+    assert kept.draws == [int(against_cond[i:i + 3].argmax()) + i for i in (0, 3)]
+    assert np.allclose(kept.clip_scores, clip_scores(gen.clip, pool[kept.draws], text.repeat(2, 1)), atol=1e-4)
+
+
+def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation(gen, tiny_run):
+    from clipgen.index import NeighbourIndex, build_index
+
+    text = F.normalize(torch.randn(1, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    images = F.normalize(text + 0.8 * torch.randn(50, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(50)]),
+                     index_vectors=images.numpy())
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=3, knn_temperature=0.1, knn_spread=0.5)
+    assert torch.equal(bridge_text(g, text, dataclasses.replace(s, bridge="none")), text)
+    cos, order = (images @ text[0]).topk(3)  # the 3 nearest images and their weights, by hand
+    weights = torch.softmax(cos / 0.1, dim=0)
+    offsets = images[order] - weights @ images[order]
+    rms = (weights @ offsets.pow(2).sum(-1)).sqrt()
+    allowed = F.normalize(text + 0.5 * offsets / rms, dim=-1)  # [3, D]
+    assert (allowed @ allowed.T).min() < 0.99  # the three possible conditions differ
+    cond = bridge_text(g, text.repeat(400, 1), s, torch.Generator().manual_seed(0))
+    assert torch.allclose(cond.norm(dim=-1), torch.ones(400), atol=1e-5)
+    match = (cond[:, None] - allowed[None]).abs().amax(-1) < 1e-5  # [400, 3]
+    assert match.sum(1).eq(1).all()  # every draw is one of the three
+    assert torch.allclose(match.float().mean(0), weights, atol=0.08)  # each as often as its weight
+    assert torch.allclose(bridge_text(g, text, dataclasses.replace(s, knn_k=1)), text, atol=1e-5)  # no offset
+    assert torch.allclose(bridge_text(g, text, dataclasses.replace(s, knn_k=500)).norm(), torch.ones(1))  # k > N
 
 
 @pytest.mark.parametrize("bridge", ["noise", "knn"])
 def test_each_draw_of_a_prompt_gets_its_own_bridged_condition(gen, tiny_run, bridge):
     text = gen.clip.encode_texts(["a red circle", "a blue star"]).repeat_interleave(4, 0)  # 4 draws per prompt
-    s = dataclasses.replace(tiny_run.sample, bridge=bridge, knn_k=8, knn_blend=0.5)
+    s = dataclasses.replace(tiny_run.sample, bridge=bridge, knn_k=64, knn_spread=0.25)
     g = gen._replace(noise_level=0.3)
     cond = bridge_text(g, text, s, torch.Generator().manual_seed(0))
     assert cond.shape == text.shape and torch.allclose(cond.norm(dim=-1), torch.ones(8), atol=1e-5)
