@@ -36,7 +36,8 @@ def settings(cfg, args) -> list[dict]:
         spreads = [float(v) for v in args.spreads.split(",")] if bridge == "knn" else [cfg.sample.knn_spread]
         for spread, scale, rerank in itertools.product(spreads, (float(v) for v in args.scales.split(",")),
                                                        (int(v) for v in args.rerank.split(","))):
-            for against in args.rerank_against.split(",") if rerank > 1 else [cfg.sample.rerank_against]:
+            varied = rerank > 1 and bridge != "none"  # without a bridge the condition is the prompt
+            for against in args.rerank_against.split(",") if varied else ["prompt"]:
                 out.append({"bridge": bridge, "knn_spread": spread, "cfg_scale": scale, "rerank_candidates": rerank,
                             "rerank_against": against})
     return out
