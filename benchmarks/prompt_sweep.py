@@ -22,8 +22,13 @@ import argparse
 import dataclasses
 import itertools
 import json
+import sys
+
+import torch
+from run_info import Report
 
 from clipgen.cli import load_run_config
+from clipgen.stages.embed import default_device
 from clipgen.sweep import ACCURACY_FLOOR, choose_setting, distance, score_setting, sweep_context
 
 
@@ -51,22 +56,26 @@ def main() -> None:
     parser.add_argument("--rerank", default="0,4")
     parser.add_argument("--spreads", default="0.5", help="sample.knn_spread values for the knn bridge")
     parser.add_argument("--rerank-against", default="prompt,condition")
+    parser.add_argument("--out", help="also write the report here (JSON, rewritten after each setting)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides naming which transformer to sweep, e.g. --set gpt.steps=1000")
     args = parser.parse_args()
     cfg = load_run_config(args.run, args.overrides)
     ctx = sweep_context(cfg)
-    rows = []
+    report = Report("prompt_sweep", torch.device(default_device()),
+                    {"command": " ".join(["python", *sys.argv]), "images_per_prompt": cfg.eval.images_per_prompt,
+                     "floor": {k: round(v, 4) for k, v in ctx.floor.items()}, "accuracy_floor": ACCURACY_FLOOR},
+                    args.out)
     for setting in settings(cfg, args):
         s = dataclasses.replace(cfg.sample, **setting)
         row = {**setting, **score_setting(ctx, s)}
         row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
         row["distance"] = round(distance(row), 3)
-        rows.append(row)
+        report.add(row)
         print(json.dumps(row), flush=True)
-    print(json.dumps({"benchmark": "prompt_sweep", "images_per_prompt": cfg.eval.images_per_prompt,
-                      "floor": {k: round(v, 4) for k, v in ctx.floor.items()}, "accuracy_floor": ACCURACY_FLOOR,
-                      "chosen": choose_setting(rows), "rows": rows}))
+    report.body["chosen"] = choose_setting(report.body["results"])
+    report.save()
+    report.print()
 
 
 if __name__ == "__main__":
