@@ -290,6 +290,18 @@ def prompt_hits(prompts: Sequence[str], verdict: JudgeVerdict) -> dict[str, np.n
     return hits
 
 
+def attribute_mix(verdict: JudgeVerdict, labels: dict[str, Sequence[str]],
+                  attributes: Sequence[str] = ("size", "background")) -> dict[str, dict[str, float]]:
+    """Per attribute, the fraction of images the judge reads as each of its ``labels`` (zeros included). Set
+    beside the real images' mix, it shows what a generator under- or over-draws where no prompt names the
+    attribute and accuracy cannot: a plain "a red circle" drawn small far more often than real ones are."""
+    out = {}
+    for name in attributes:
+        read = verdict.of(name)
+        out[name] = {label: round(read.count(label) / max(len(read), 1), 4) for label in labels[name]}
+    return out
+
+
 def accuracy_of(hits: np.ndarray) -> float | None:
     """The mean over the named entries of one attribute's hits; None where no prompt names it."""
     named = hits[~np.isnan(hits)]

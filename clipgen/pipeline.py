@@ -67,7 +67,7 @@ STEPS: tuple[Step, ...] = (
     Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "2",
          generate.generate_config, generate.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
-    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "3",
+    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "4",
          evaluate.evaluate_config, evaluate.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}

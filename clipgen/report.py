@@ -206,6 +206,22 @@ def _judged_words(accuracy: dict[str, float | None] | None) -> str:
     return "judge: " + ", ".join(named)
 
 
+def _mix_table(judge: dict[str, dict] | None) -> str:
+    """The sizes and backgrounds the judge reads in each image set, as percentages: one row per set."""
+    if not judge:
+        return ""
+    mixes = {name: j["mix"] for name, j in judge.items() if j.get("mix")}
+    if not mixes:
+        return ""
+    columns = [(attr, label) for attr, labels in next(iter(mixes.values())).items() for label in labels]
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+    body = "".join(f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{mix[a][label]:.0%}</td>" for a, label in columns)
+                   + "</tr>" for name, mix in mixes.items())
+    return ("<h3>What the judge reads: sizes and backgrounds</h3><p>The share of each set's images read as each size "
+            "and background. The samples' mix beside the real images' shows what is under- or over-drawn where the "
+            f"prompt names neither.</p><table><tr><th></th>{head}</tr>{body}</table>")
+
+
 def render_html(m: dict[str, Any], figures: dict[str, Any], config_text: str) -> str:
     e = html.escape
     head = "".join(f"<th>{e(label)}</th>" for _, label in TABLE_COLUMNS)
@@ -234,7 +250,7 @@ img{{image-rendering:pixelated}}</style></head><body>
 Fidelity is measured in {e(m['feature_space'])}. Text alignment is scored by {e(m['scoring_clip'])}.
 The <i>real images</i> row measures real train images against the held-out set (the floor) and held-out images
 for the other columns; <i>random token grids</i> is the ceiling.</p>
-<table><tr><th></th>{head}</tr>{body}</table>{extra}
+<table><tr><th></th>{head}</tr>{body}</table>{extra}{_mix_table(m.get("judge"))}
 <p>Tokenizer: PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['code_usage'])},
 reconstruction FD {_fmt(tok['reconstruction_fd'])} (judge space {_fmt(tok.get('reconstruction_fd_judge'))}).</p>
 <h2>Samples per prompt</h2>

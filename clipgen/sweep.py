@@ -80,6 +80,7 @@ def score_setting(ctx: SweepContext, s: SampleConfig) -> dict[str, Any]:
             "seen": plain_judged["seen"], "held_out": plain_judged["held_out"],
             "shape": plain_judged["shape"], "colour": plain_judged["colour"],
             "size": named_judged["size"], "background": named_judged["background"],
+            "sizes_drawn": plain_judged["mix"]["size"], "backgrounds_drawn": plain_judged["mix"]["background"],
             "clip_score": float(plain.clip_scores.mean()), "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -141,6 +141,9 @@ def test_report_builds_and_every_linked_image_exists(tiny_run):
         assert all(np.isfinite(row[k]) for k in ("fd", "kid", "precision", "recall", "clip_score", "r_precision",
                                                   "fd_judge", "precision_judge", "recall_judge"))
     assert metrics["judge"]["real images"]["both"] >= 0 and metrics["memorisation"]["samples"]["images"] == 24
+    for mix in (metrics["judge"][name]["mix"] for name in ("samples", "real images")):  # what size/background is drawn
+        assert set(mix) == {"size", "background"} and all(sum(m.values()) == pytest.approx(1, abs=1e-3) for m in mix.values())
+    assert "What the judge reads: sizes and backgrounds" in page
     assert metrics["ids"]["gpt"] and metrics["tokenizer"]["reconstruction_fd"] >= 0
     assert run_step(cfg, "report")["skipped"]  # a second run is cached
 

@@ -9,7 +9,15 @@ from PIL import Image
 
 from clipgen.config import DataConfig, JudgeConfig, WorldConfig
 from clipgen.data.world import ATTRIBUTES, COLOUR_NAMES, SHAPES, ingest_world, world_arrays
-from clipgen.judge import JudgeVerdict, accuracy_of, judge_accuracy, load_judge, prompt_hits, train_judge
+from clipgen.judge import (
+    JudgeVerdict,
+    accuracy_of,
+    attribute_mix,
+    judge_accuracy,
+    load_judge,
+    prompt_hits,
+    train_judge,
+)
 
 
 def tiny_data(**judge) -> DataConfig:
@@ -105,6 +113,16 @@ def test_prompt_hits_score_only_the_attributes_a_prompt_names():
     assert np.isnan(hits["size"][[0, 2]]).all() and hits["size"][1] == 0.0 and hits["background"][1] == 1.0
     assert accuracy_of(hits["size"]) == 0.0 and accuracy_of(hits["background"]) == 1.0
     assert accuracy_of(hits["shape"]) == 2 / 3 and accuracy_of(np.full(2, np.nan)) is None
+
+
+def test_attribute_mix_counts_every_label_including_the_ones_never_read():
+    verdict = JudgeVerdict(shapes=["circle"] * 4, colours=["red"] * 4, sizes=["small", "small", "large", "small"],
+                           backgrounds=["grey", "dark", "grey", "grey"])
+    labels = {"size": ("small", "medium-sized", "large"), "background": ("black", "dark", "grey")}
+    mix = attribute_mix(verdict, labels)
+    assert mix == {"size": {"small": 0.75, "medium-sized": 0.0, "large": 0.25},
+                   "background": {"black": 0.0, "dark": 0.25, "grey": 0.75}}
+    assert attribute_mix(JudgeVerdict([], [], [], []), labels)["size"] == {"small": 0.0, "medium-sized": 0.0, "large": 0.0}
 
 
 def test_an_old_single_pair_judge_folder_asks_for_a_rerun(tiny_judge_dir, tmp_path):

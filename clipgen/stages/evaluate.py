@@ -153,14 +153,17 @@ def text_alignment(clip, sets: list[ImageSet], image_emb: dict[str, torch.Tensor
 
 def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
     """Judge accuracy on every attribute the texts name (over the texts that name it; None where none does),
-    on shape and colour together (``both``), and on both for seen and held-out combinations."""
-    from clipgen.judge import accuracy_of, prompt_hits
+    on shape and colour together (``both``), on both for seen and held-out combinations, and the ``mix`` of
+    sizes and backgrounds the judge reads (:func:`clipgen.judge.attribute_mix`)."""
+    from clipgen.judge import accuracy_of, attribute_mix, prompt_hits
 
-    hits = prompt_hits(s.texts, judge.predict(s.images))
+    verdict = judge.predict(s.images)
+    hits = prompt_hits(s.texts, verdict)
     held = {tuple(c.lower().split()) for c in held_combos}
     is_held = np.array([g in held for g in s.groups])
     return {**{name: accuracy_of(h) for name, h in hits.items()}, "seen": accuracy_of(hits["both"][~is_held]),
-            "held_out": accuracy_of(hits["both"][is_held]), "images": len(s.texts)}
+            "held_out": accuracy_of(hits["both"][is_held]), "mix": attribute_mix(verdict, judge.labels),
+            "images": len(s.texts)}
 
 
 def fidelity_rows(cfg: PipelineConfig, gen, sets: list[ImageSet], train_real: np.ndarray, reference: np.ndarray,
