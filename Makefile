@@ -10,6 +10,8 @@ PIPELINE ?= pipelines/shapes.yaml
 export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Prefect's ephemeral server gets 20 s to start by default; a busy 2-core machine can need more.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_HOME ?= $(CURDIR)/runs/.prefect
 # pip prints one warning per package for the machine's empty local index folders; hide only those lines.

@@ -52,9 +52,20 @@ def load_run_config(target: str, overrides: list[str]) -> PipelineConfig:
     return load_config(*resolve_target(target, overrides))
 
 
+# Set for Prefect unless the user set them: no telemetry (nothing outside is reached), and time for the
+# ephemeral server to start on a busy 2-core machine (Prefect's 20 s default fails there).
+PREFECT_DEFAULTS = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_LOGGING_EXTRA_LOGGERS": "clipgen"}
+
+
+def set_prefect_defaults(environ=os.environ) -> None:
+    for name, value in PREFECT_DEFAULTS.items():
+        environ.setdefault(name, value)
+
+
 def run_flow(pipeline: str, overrides: list[str], stages: str | None) -> dict[str, dict]:
     """Run ``stages`` through the Prefect ``clip-gen`` flow (ephemeral mode unless PREFECT_API_URL is set)."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipgen")
+    set_prefect_defaults()
     if os.environ.get("PREFECT_HOME"):  # Prefect's local database cannot be created in a missing folder
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     from flows.pipeline import clip_gen  # Prefect is imported here, never by the library

@@ -48,6 +48,16 @@ def test_a_prefect_flow_runs_in_ephemeral_mode(tmp_path):
     assert "result 41" in out.stdout
 
 
+def test_the_cli_turns_prefect_telemetry_off_and_waits_for_its_server_unless_told_otherwise():
+    from clipgen.cli import set_prefect_defaults
+
+    environ = {"DO_NOT_TRACK": "0"}
+    set_prefect_defaults(environ)
+    assert environ["DO_NOT_TRACK"] == "0"  # the user's own setting stands
+    assert environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert int(environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) > 20  # Prefect's default
+
+
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["status", "--help"], ["judge", "--help"]])
 def test_cli_help_is_useful(args):
     out = subprocess.run([sys.executable, "-m", "clipgen.cli", *args], capture_output=True, text=True, cwd=ROOT)
