@@ -31,7 +31,9 @@ STEPS = [
     ("train noise 0.6 (training conditions as far from the image as a text is)", ["gpt.noise_level=0.6"]),
     ("kNN bridge: each draw's variation from a train image near the prompt", ["sample.bridge=knn"]),
     ("re-ranking against each draw's own condition", ["sample.rerank_against=condition"]),
-    ("8 candidates per image (shipped)", ["sample.rerank_candidates=8"]),
+    ("8 candidates per image", ["sample.rerank_candidates=8"]),
+    ("re-ranking against the prompt and the condition together (shipped: keeps held-out combinations)",
+     ["sample.rerank_against=both"]),
 ]
 
 def cumulative(start: list[str], steps: list[tuple[str, list[str]]]) -> list[dict]:
