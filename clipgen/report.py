@@ -208,9 +208,7 @@ def _judged_words(accuracy: dict[str, float | None] | None) -> str:
 
 def _mix_table(judge: dict[str, dict] | None) -> str:
     """The sizes and backgrounds the judge reads in each image set, as percentages: one row per set."""
-    if not judge:
-        return ""
-    mixes = {name: j["mix"] for name, j in judge.items() if j.get("mix")}
+    mixes = {name: j["mix"] for name, j in (judge or {}).items() if j.get("mix")}
     if not mixes:
         return ""
     columns = [(attr, label) for attr, labels in next(iter(mixes.values())).items() for label in labels]
