@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from clipgen.config import ConfigError, PipelineConfig, load_config
+from clipgen.errors import ClipgenError
 
 EPILOG = """examples:
   clipgen run pipelines/shapes.yaml                      # the whole embedded default pipeline
@@ -27,9 +28,10 @@ EPILOG = """examples:
 """
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key with a dotted path, e.g. --set gpt.n_layer=4 (repeatable)")
+    p.add_argument("--debug", action="store_true", help="on an error, show its traceback, not just its message")
 
 
 def resolve_target(target: str, overrides: list[str]) -> tuple[Path, list[str]]:
@@ -91,9 +93,11 @@ def print_results(cfg: PipelineConfig, results: dict[str, dict]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from clipgen.pipeline import parse_stages
+    from clipgen.preflight import check_inputs
 
     cfg = load_config(args.pipeline, args.overrides)  # fail on bad config before Prefect starts
     parse_stages(args.stages)
+    check_inputs(cfg)
     print_results(cfg, run_flow(str(args.pipeline), args.overrides, args.stages))
     return 0
 
@@ -102,9 +106,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import shutil
 
     from clipgen.pipeline import plan
+    from clipgen.preflight import check_inputs
 
     pipeline, overrides = resolve_target(args.run, args.overrides)
     cfg = load_config(pipeline, overrides)
+    check_inputs(cfg)
     report = plan(cfg)["report"]
     if args.force and report.path.exists():
         shutil.rmtree(report.path)  # rebuilt below; every input artifact stays as it is
@@ -152,15 +158,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from clipgen.generate import check_prompts, generate, judged_per_prompt, write_outputs
     from clipgen.stages.generate import load_generator
+    from clipgen.validate import validate_sample
 
     prompts = check_prompts(args.prompts)  # a bad prompt fails before any model loads
     cfg = load_run_config(args.run, args.overrides)
     knobs = {"n_per_prompt": args.n, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "cfg_scale": args.cfg_scale, "bridge": args.bridge, "rerank_candidates": args.rerank,
              "rerank_against": args.rerank_against, "seed": args.seed}
-    settings = dataclasses.replace(cfg.sample, **{k: v for k, v in knobs.items() if v is not None})
-    if settings.n_per_prompt < 1 or settings.rerank_candidates < 0:
-        raise ConfigError("-n must be >= 1 and --rerank >= 0")
+    given = {k: v for k, v in knobs.items() if v is not None}
+    settings = dataclasses.replace(cfg.sample, **given)
+    flags = {"n_per_prompt": "-n", "rerank_candidates": "--rerank"}  # the others: --field-name
+    validate_sample(settings, lambda k: flags.get(k, "--" + k.replace("_", "-")) if k in given else f"sample.{k}")
     result = generate(load_generator(cfg), prompts, settings)
     table = write_outputs(result, args.out)
     print(f"{len(result.images)} images and {table.name} in {args.out}")
@@ -187,33 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "needed). Finished stages are skipped; a changed config reruns what it affects.")
     p.add_argument("pipeline", type=Path, help="pipeline YAML, e.g. pipelines/shapes.yaml")
     p.add_argument("--stages", help="comma-separated stages to run, in pipeline order (default: all)")
-    _add_config_args(p)
+    _add_common_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("evaluate", help="run only the evaluate stage on a finished run and print the report",
                        description="Build the evaluation report of a run whose other stages are finished.")
     p.add_argument("--run", required=True, help="a run folder (runs/shapes) or a pipeline YAML")
     p.add_argument("--force", action="store_true", help="rebuild the report even if this config's is cached")
-    _add_config_args(p)
+    _add_common_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("status", help="list each step's id and whether it is cached",
                        description="Show every step of a pipeline with its content-addressed id and state.")
     p.add_argument("target", help="a run folder (runs/shapes) or a pipeline YAML")
-    _add_config_args(p)
+    _add_common_args(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("config", help="print the fully resolved config (presets and overrides applied)",
                        description="Validate a pipeline and print every key with its resolved value.")
     p.add_argument("target", help="a pipeline YAML or a run folder")
-    _add_config_args(p)
+    _add_common_args(p)
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("judge", help="print the shapes-world judge's accuracy per attribute",
                        description="Score the trained attribute judge on held-out world images.")
     p.add_argument("--run", required=True, help="a run folder (runs/shapes) or a pipeline YAML")
     p.add_argument("--split", default="heldout", help="which shard split to score (default: heldout)")
-    _add_config_args(p)
+    _add_common_args(p)
     p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("generate", help="draw images for text prompts from a finished run",
@@ -232,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-against", choices=["prompt", "condition", "both"],
                    help="re-rank by CLIP similarity to the prompt, to each draw's bridged condition, or to both")
     p.add_argument("--seed", type=int)
-    _add_config_args(p)
+    _add_common_args(p)
     p.set_defaults(func=cmd_generate)
     return parser
 
@@ -243,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("clipgen").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:  # PromptError is a ConfigError
+    except (ClipgenError, FileNotFoundError) as exc:  # the project's own errors say what to fix
+        if args.debug:
+            raise
         print(f"clipgen: error: {exc}", file=sys.stderr)
         return 2
 

@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision.transforms import ToTensor
 
 from clipgen.artifacts import atomic_path, file_digest, write_json_atomic
+from clipgen.errors import ClipgenError
 
 TOY_CLIP = "toy-clip"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -41,7 +42,7 @@ _TOY_CONFIG = Path(__file__).parent / "model_configs" / f"{TOY_CLIP}.json"
 _PATH_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 
 
-class ClipLoadError(RuntimeError):
+class ClipLoadError(ClipgenError, RuntimeError):
     """A CLIP that cannot be built or loaded. The message names the model and how to fix it."""
 
 
@@ -216,7 +217,7 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
     is the same model on every load.
     """
     register_toy_clip()
-    _check_model_name(model)
+    check_clip_model(model)
     source = _resolve(model, pretrained)
     tag = source.tag_cfg
     overrides = {f"image_{k}": tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
@@ -238,7 +239,21 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
     return ClipModel(model, net, preprocess, tokenizer, model_cfg, source.weights_file)
 
 
-def _check_model_name(model: str) -> None:
+def check_clip_source(model: str, pretrained: str | None) -> None:
+    """Raise :class:`ClipLoadError` now if :func:`load_clip` would fail on where the weights come from: an
+    unknown architecture, a missing file, an unknown tag, or a tag whose weights are not cached on an offline
+    machine. Downloads nothing (a tag that can still be downloaded passes)."""
+    register_toy_clip()
+    check_clip_model(model)
+    is_tag = pretrained and not os.path.exists(pretrained) and open_clip.get_pretrained_cfg(model, pretrained)
+    if is_tag and not _hf_offline():
+        return  # cached, or downloaded when a stage loads it
+    _resolve(model, pretrained)
+
+
+def check_clip_model(model: str) -> None:
+    """Raise :class:`ClipLoadError` unless ``model`` names an open_clip architecture (toy-clip included)."""
+    register_toy_clip()
     if model.startswith(("hf-hub:", "local-dir:")) or model in open_clip.list_models():
         return
     names = open_clip.list_models()

@@ -21,9 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A pipeline config that cannot be used. The message names the key and the fix."""
+from clipgen.errors import ConfigError
+from clipgen.validate import validate
 
 
 def runtime_only(default: Any) -> Any:
@@ -311,58 +310,6 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
-
-
-# ---------------------------------------------------------------------------------- validation
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def validate(cfg: PipelineConfig) -> None:
-    """Impossible values, checked across fields. Each message names the key and what would be valid."""
-    d, v, g, s = cfg.data, cfg.vqgan, cfg.gpt, cfg.sample
-    _check(d.source == "world" or d.path is not None, "data.path", f"required when data.source is {d.source!r}")
-    _check(d.image_size >= 8 and d.image_size % v.downsample == 0, "data.image_size",
-           f"must be >= 8 and a multiple of the VQGAN downsampling factor {v.downsample}")
-    _check(d.shard_size > 0, "data.shard_size", "must be > 0")
-    _check(0.0 <= d.heldout_fraction < 1.0, "data.heldout_fraction", "must be in [0, 1)")
-    _check(d.workers >= 1, "data.workers", "must be >= 1")
-    for i, combo in enumerate(d.world.held_out_combos):
-        _check(len(combo.split()) == 2, f"data.world.held_out_combos[{i}]", f"{combo!r} must be 'COLOUR SHAPE'")
-    for name in ("n_captioned", "n_train", "n_heldout", "n_judge"):
-        _check(getattr(d.world, name) > 0, f"data.world.{name}", "must be > 0")
-    _check(len(v.channel_mult) >= 1, "vqgan.channel_mult", "needs at least one entry")
-    _check(v.n_res_blocks >= 1, "vqgan.n_res_blocks", "must be >= 1")
-    _check(v.codebook_size >= 2, "vqgan.codebook_size", "must be >= 2")
-    if v.quantizer == "fsq":
-        product = 1
-        for level in v.fsq_levels:
-            product *= level
-        _check(product == v.codebook_size, "vqgan.codebook_size",
-               f"with quantizer fsq it must equal the product of vqgan.fsq_levels {v.fsq_levels} = {product}")
-    _check(v.perceptual == "none" or v.lpips_weights is not None, "vqgan.lpips_weights",
-           "required when vqgan.perceptual is 'lpips' (weights cannot be downloaded); or set perceptual: none")
-    _check(g.n_embd % g.n_head == 0, "gpt.n_embd", f"{g.n_embd} must be divisible by gpt.n_head={g.n_head}")
-    _check(g.n_prefix >= 1, "gpt.n_prefix", "must be >= 1")
-    _check(0.0 <= g.cond_dropout < 1.0, "gpt.cond_dropout", "must be in [0, 1)")
-    _check(0.0 <= g.noise_level <= 2.0, "gpt.noise_level", "must be in [0, 2]")
-    _check(0.0 <= g.weight_average < 1.0, "gpt.weight_average", "must be in [0, 1) (0 = no weight average)")
-    _check(s.temperature > 0, "sample.temperature", "must be > 0")
-    _check(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
-    _check(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
-    _check(0.0 <= s.knn_spread <= 1.0, "sample.knn_spread", "must be in [0, 1] (0 = the text unchanged)")
-    _check(s.knn_temperature > 0, "sample.knn_temperature", "must be > 0")
-    _check(s.knn_k >= 1, "sample.knn_k", "must be >= 1")
-    _check(s.bridge != "noise" or (g.bridge == "noise" and g.noise_level > 0), "sample.bridge",
-           "noise adds the transformer's training noise (gpt.noise_level with gpt.bridge: noise), and this "
-           "transformer is trained without it; choose none or knn, or train with gpt.bridge: noise")
-    trained = {"vqgan": cfg.vqgan, "gpt": cfg.gpt, "data.judge": cfg.data.judge, "clip.toy": cfg.clip.toy}
-    for name, section in trained.items():
-        _check(section.steps > 0, f"{name}.steps", "must be > 0")
-        _check(section.batch_size > 0, f"{name}.batch_size", "must be > 0")
-    _check(cfg.train.devices >= 1 and cfg.train.nodes >= 1, "train.devices", "devices and nodes must be >= 1")
-    _check(cfg.train.cpu_threads is None or cfg.train.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
 
 
 def to_dict(section: Any, output_only: bool = False) -> dict[str, Any]:

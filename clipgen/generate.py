@@ -77,6 +77,10 @@ def check_prompts(prompts: list[str]) -> list[str]:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError(f"prompt {i + 1} is empty; every prompt needs some text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from the command line arrive as lone surrogates
+            raise PromptError(f"prompt {i + 1} is not valid UTF-8 text: {prompt!r}") from None
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PromptError(f"prompt {i + 1} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
         cleaned.append(" ".join(prompt.split()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from clipgen.pipeline import parse_stages, save_run_config
+from clipgen.preflight import check_inputs
 from flows.common import load, with_task_runner
 from flows.embed import embed
 from flows.evaluate import evaluate
@@ -24,7 +25,8 @@ STAGE_FLOWS = {"ingest": ingest, "pretrain-clip": pretrain_clip, "embed": embed,
 def clip_gen(pipeline: str = "pipelines/shapes.yaml", overrides: list[str] | None = None,
              stages: str | None = None) -> dict[str, dict]:
     """Run ``stages`` (comma-separated; default all) of ``pipeline`` with dotted ``overrides``."""
-    cfg = load(pipeline, overrides)  # validates everything before any work starts
+    cfg = load(pipeline, overrides)  # validates every value before any work starts
+    check_inputs(cfg)  # and what the config points at: data, weights files, GPUs
     save_run_config(cfg)
     logger = get_run_logger()
     results = {}

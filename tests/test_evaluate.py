@@ -171,3 +171,15 @@ def test_uncaptioned_real_images_get_no_text_scores_and_prompts_become_the_distr
     scores = text_alignment(clip, sets, embedded, pool, pool, distractors=99, seed=0)
     assert scores["real images"]["clip_score"] is None and scores["real images"]["r_precision"] is None
     assert 0 <= scores["samples"]["clip_score"] <= 100 and scores["samples"]["distractors"] == 2
+
+
+def test_anchor_sets_shrink_to_a_held_out_split_smaller_than_the_samples(tiny_run):
+    from clipgen.pipeline import plan
+    from clipgen.stages.evaluate import anchor_sets, eval_prompts, read_labeled_split
+    from clipgen.stages.generate import load_generator
+
+    held = read_labeled_split(plan(tiny_run)["shards"].path, "heldout", tiny_run.data.image_size, limit=100)
+    prompts = eval_prompts(tiny_run, held.meta)
+    sets = anchor_sets(tiny_run, load_generator(tiny_run), held, prompts, n=len(held.images) + 20)
+    for s in sets:  # images and texts agree in every set, and no set invents real images
+        assert len(s.images) == len(s.texts) == len(s.groups) == len(held.images), s.name

@@ -32,12 +32,13 @@ from typing import Any, NamedTuple
 from clipgen.config import DataConfig
 from clipgen.data.images import Decoded, decode_source, os_reason
 from clipgen.data.shards import Sample, ShardInfo, Skipped, write_manifest, write_shards
+from clipgen.errors import ClipgenError
 
 SPLITS = ("train", "heldout")
 URL_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
-class IngestError(RuntimeError):
+class IngestError(ClipgenError, RuntimeError):
     """An ingest that cannot produce a dataset. The message names the input and the fix."""
 
 
@@ -116,7 +117,7 @@ def finish(root: Path, source: str, shards: dict[str, list[ShardInfo]], skipped:
 # ----------------------------------------------------------------------------------------- folder
 def ingest_folder(data: DataConfig, root: Path) -> dict:
     """Shard every image under ``data.path`` (recursively, any format Pillow reads). Returns the manifest."""
-    folder = _check_folder(data.path)
+    folder = check_folder(data.path)
     names, skipped = find_files(folder)
     if not names and not skipped:
         raise IngestError(f"data.path {data.path!r} holds no files; put images (any format Pillow reads, "
@@ -128,7 +129,17 @@ def ingest_folder(data: DataConfig, root: Path) -> dict:
     return finish(root, f"folder:{data.path}", shards, skipped, notes)
 
 
-def _check_folder(path: str | None) -> Path:
+def check_source(data: DataConfig) -> None:
+    """Fail now, naming data.path, if the folder or URL list cannot be read (world sources need nothing)."""
+    if data.source == "folder":
+        folder = check_folder(data.path)
+        if not os.access(folder, os.R_OK | os.X_OK):
+            raise IngestError(f"data.path {data.path!r} cannot be listed (permission denied)")
+    elif data.source == "urls":
+        check_url_list(data)
+
+
+def check_folder(path: str | None) -> Path:
     if path is None:
         raise IngestError("data.path is not set; set it to the folder of images (data.source: folder)")
     folder = Path(path)
@@ -184,7 +195,7 @@ def _file_candidate(folder: Path, name: str, heldout_fraction: float) -> Candida
 # ------------------------------------------------------------------------------------------- URLs
 def ingest_urls(data: DataConfig, root: Path) -> dict:
     """Download the URL list ``data.path`` with img2dataset, then shard it. Returns the manifest."""
-    url_list, input_format = _check_url_list(data)
+    url_list, input_format = check_url_list(data)
     download = _import_img2dataset()
     staging = Path(root) / ".img2dataset"  # inside the artifact, so it shares its disk and its fate
     shutil.rmtree(staging, ignore_errors=True)
@@ -198,10 +209,12 @@ def ingest_urls(data: DataConfig, root: Path) -> dict:
     return finish(root, f"urls:{data.path}", shards, skipped, notes)
 
 
-def _check_url_list(data: DataConfig) -> tuple[Path, str]:
+def check_url_list(data: DataConfig) -> tuple[Path, str]:
     path = Path(data.path or "")
     if data.path is None or not path.is_file():
         raise IngestError(f"data.path {data.path!r} is not a file; set it to a URL list (.csv, .tsv or .parquet)")
+    if not os.access(path, os.R_OK):
+        raise IngestError(f"data.path {data.path!r} cannot be read (permission denied)")
     input_format = URL_FORMATS.get(path.suffix.lower())
     if input_format is None:
         raise IngestError(f"data.path {data.path!r}: unknown URL list type; use one of {sorted(URL_FORMATS)}")

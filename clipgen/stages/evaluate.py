@@ -76,6 +76,8 @@ def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
 
     if cfg.eval.prompts:
         return check_prompts(cfg.eval.prompts)
+    if cfg.data.source != "world" and cfg.sample.prompts and not any(m.get("caption") for m in held_meta):
+        return check_prompts(cfg.sample.prompts)  # uncaptioned data: the prompts the run samples
     if cfg.data.source == "world":
         from clipgen.data.world import COLOUR_NAMES, SHAPES
 
@@ -83,7 +85,7 @@ def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
     captions = list(dict.fromkeys(m["caption"] for m in held_meta if m.get("caption")))[:MAX_CAPTION_PROMPTS]
     if not captions:
         raise ConfigError("eval.prompts is empty and the held-out shards carry no captions to borrow; "
-                          "list the evaluation prompts under eval.prompts")
+                          "list the evaluation prompts under eval.prompts or sample.prompts")
     return captions
 
 
@@ -105,6 +107,7 @@ def anchor_sets(cfg: PipelineConfig, gen, held, prompts: list[str], n: int) -> l
     from clipgen.data.images_array import to_model_input, to_uint8
 
     world = cfg.data.source == "world"
+    n = min(n, len(held.images))  # a small held-out split gives fewer anchors than samples
     texts = real_texts(cfg, held.meta[:n])
     real = held.images[:n]
     vqgan, device = gen.vqgan, next(gen.vqgan.parameters()).device
@@ -211,6 +214,9 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
     gen = load_generator(cfg, inputs)
     shards, size = inputs["shards"].path, cfg.data.image_size
     held = read_labeled_split(shards, "heldout", size, limit=e.max_reference_images)
+    if not len(held.images):
+        raise ConfigError(f"data.heldout_fraction: the held-out split of {shards} is empty, so there is nothing to "
+                          "evaluate against; raise data.heldout_fraction or add images")
     prompts = eval_prompts(cfg, held.meta)
     settings = dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt)
     results = [generate(gen, prompts, settings)]
