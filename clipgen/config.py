@@ -66,6 +66,8 @@ class DataConfig:
     max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's own limit)
     min_side: int = 8  # images with a smaller side are skipped as too small to be useful
     workers: int = runtime_only(2)
+    download_part_size: int = runtime_only(10000)  # urls: rows per img2dataset call; a killed run keeps finished parts
+    download_timeout: int = 10  # urls: seconds per request before it counts as failed
     world: WorldConfig = field(default_factory=WorldConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 

@@ -7,3 +7,7 @@ class ClipgenError(Exception):
 
 class ConfigError(ClipgenError, ValueError):
     """A pipeline config that cannot be used. The message names the key and the fix."""
+
+
+class IngestError(ClipgenError, RuntimeError):
+    """An ingest that cannot produce a dataset. The message names the input and the fix."""

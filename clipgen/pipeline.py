@@ -49,7 +49,7 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("shards", "ingest", "shards", (), "2", ingest.shards_config, ingest.build_shards),
+    Step("shards", "ingest", "shards", (), "3", ingest.shards_config, ingest.build_shards),
     Step("judge", "ingest", "judge", (), "2", ingest.judge_config, ingest.build_judge,
          applies=lambda cfg: cfg.data.source == "world"),
     Step("toyclip", "pretrain-clip", "ckpt/clip", ("shards",), "1", embed.toyclip_config, embed.build_toyclip,

@@ -58,7 +58,8 @@ def _validate_data(cfg: PipelineConfig) -> None:
     check(d.source == "world" or d.heldout_fraction > 0, "data.heldout_fraction",
           "must be > 0 for folder and URL data: evaluation needs held-out images")
     check(d.max_pixels >= 1 and d.min_side >= 1, "data.min_side", "min_side and max_pixels must be >= 1")
-    check(d.workers >= 1, "data.workers", "must be >= 1")
+    for name in ("workers", "download_part_size", "download_timeout"):
+        check(getattr(d, name) >= 1, f"data.{name}", "must be >= 1")
     for i, combo in enumerate(d.world.held_out_combos):
         check(len(combo.split()) == 2, f"data.world.held_out_combos[{i}]", f"{combo!r} must be 'COLOUR SHAPE'")
     for name in ("n_captioned", "n_train", "n_heldout", "n_judge"):

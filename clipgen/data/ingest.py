@@ -7,19 +7,17 @@ input by reason and every odd-but-valid input by note. Keys are hashes of the in
 path or URL), samples are written in key order (a fixed pseudo-random order, so one class folder never
 fills a shard), and the split is a hash of the key: a rerun gives byte-identical shards.
 
-URL lists are downloaded with img2dataset (raw bytes, no re-encoding), then go through the same decoder.
+URL lists are downloaded with img2dataset (raw bytes, no re-encoding) in resumable parts
+(:mod:`clipgen.data.download`), then go through the same decoder.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import os
 import shutil
 import stat
-import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -30,16 +28,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from clipgen.config import DataConfig
+from clipgen.data.download import (
+    DownloadedRow,
+    download_part,
+    import_img2dataset,
+    read_download_results,
+    split_url_list,
+)
 from clipgen.data.images import Decoded, decode_source, os_reason
 from clipgen.data.shards import Sample, ShardInfo, Skipped, write_manifest, write_shards
-from clipgen.errors import ClipgenError
+from clipgen.errors import IngestError
 
 SPLITS = ("train", "heldout")
 URL_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
-
-
-class IngestError(ClipgenError, RuntimeError):
-    """An ingest that cannot produce a dataset. The message names the input and the fix."""
 
 
 class Candidate(NamedTuple):
@@ -193,20 +194,28 @@ def _file_candidate(folder: Path, name: str, heldout_fraction: float) -> Candida
 
 
 # ------------------------------------------------------------------------------------------- URLs
-def ingest_urls(data: DataConfig, root: Path) -> dict:
-    """Download the URL list ``data.path`` with img2dataset, then shard it. Returns the manifest."""
+def ingest_urls(data: DataConfig, root: Path, map_fn: Callable | None = None) -> dict:
+    """Download the URL list ``data.path`` in parts (:mod:`clipgen.data.download`; ``map_fn`` fans them
+    out), then shard it. A rerun after a kill downloads only the parts that are not finished."""
     url_list, input_format = check_url_list(data)
-    download = _import_img2dataset()
+    import_img2dataset()  # fail before any work if it is missing
     staging = Path(root) / ".img2dataset"  # inside the artifact, so it shares its disk and its fate
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        _download(download, data, url_list, input_format, staging)
-        rows, skipped = read_download_results(staging)
-        candidates = _url_candidates(rows, data, skipped)
-        shards, notes = write_candidates(candidates, data, Path(root), skipped)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return finish(root, f"urls:{data.path}", shards, skipped, notes)
+    parts = split_url_list(data, url_list, input_format, staging)
+    (map_fn or _serial_map)(partial(download_part, data), parts)
+    rows, skipped = [], []
+    for part in parts:
+        part_rows, part_skipped = read_download_results(part.folder)
+        rows += part_rows
+        skipped += part_skipped
+    candidates = _url_candidates(rows, data, skipped)
+    shards, notes = write_candidates(candidates, data, Path(root), skipped)
+    manifest = finish(root, f"urls:{data.path}", shards, skipped, notes)
+    shutil.rmtree(staging)  # the shards hold every kept image; a failed run keeps its parts instead
+    return manifest
+
+
+def _serial_map(fn: Callable, items: list) -> list:
+    return [fn(item) for item in items]
 
 
 def check_url_list(data: DataConfig) -> tuple[Path, str]:
@@ -232,71 +241,6 @@ def _columns(path: Path, input_format: str) -> list[str]:
         return list(pq.read_schema(path).names)
     with open(path, newline="", encoding="utf-8") as f:
         return next(csv.reader(f, delimiter="\t" if input_format == "tsv" else ","), [])
-
-
-def _import_img2dataset() -> Callable[..., Any]:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would phone home on import
-    try:
-        with warnings.catch_warnings():  # its `import imghdr` warns on every import; not ours to fix
-            warnings.filterwarnings("ignore", "'imghdr' is deprecated", DeprecationWarning)
-            from img2dataset import download
-    except ImportError as exc:
-        raise IngestError(f"img2dataset is needed for data.source: urls but cannot be imported ({exc}); "
-                          "run `make install`") from exc
-    return download
-
-
-def _download(download: Callable[..., Any], data: DataConfig, url_list: Path, input_format: str,
-              staging: Path) -> None:
-    kwargs = dict(
-        url_list=str(url_list), input_format=input_format, url_col=data.url_column,
-        caption_col=data.caption_column, output_format="webdataset", output_folder=str(staging),
-        # Raw bytes: our own decoder applies EXIF rotation, 16-bit scaling, alpha-on-white and the
-        # decompression-bomb check, exactly as for folders (cv2 in img2dataset does not).
-        disable_all_reencoding=True, image_size=data.image_size, resize_mode="center_crop",
-        resize_only_if_bigger=False, processes_count=data.workers, thread_count=32,
-        extract_exif=False, compute_hash=None, enable_wandb=False,
-    )
-    if "disable_all_reporting" in inspect.signature(download).parameters:
-        kwargs["disable_all_reporting"] = True
-    download(**kwargs)
-
-
-class DownloadedRow(NamedTuple):
-    url: str
-    caption: str | None
-    source: tuple[str, int, int]  # the image member's byte range inside an img2dataset tar
-
-
-def read_download_results(staging: Path) -> tuple[list[DownloadedRow], list[Skipped]]:
-    """img2dataset's successes (located inside its tars) and its failures (as skipped inputs)."""
-    import pyarrow.parquet as pq
-
-    rows: list[DownloadedRow] = []
-    skipped: list[Skipped] = []
-    for table_path in sorted(staging.glob("*.parquet")):
-        members = _tar_members(table_path.with_suffix(".tar"))
-        table = pq.read_table(table_path).to_pylist()
-        for row in table:
-            if row["status"] != "success" or row["key"] not in members:
-                message = row.get("error_message") or "missing from img2dataset output"
-                skipped.append(Skipped(row["url"], f"download failed: {message}"))
-            else:
-                rows.append(DownloadedRow(row["url"], row.get("caption"), members[row["key"]]))
-    return rows, skipped
-
-
-def _tar_members(tar_path: Path) -> dict[str, tuple[str, int, int]]:
-    """img2dataset key -> byte range of its image member (captions and json are ours to ignore)."""
-    if not tar_path.is_file():
-        return {}
-    members = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if member.isfile() and ext not in ("json", "txt"):
-                members[key] = (str(tar_path), member.offset_data, member.size)
-    return members
 
 
 def _url_candidates(rows: list[DownloadedRow], data: DataConfig, skipped: list[Skipped]) -> list[Candidate]:

@@ -196,12 +196,14 @@ def write_manifest(root: Path, source: str, shards: dict[str, list[ShardInfo]], 
                    notes: dict[str, int] | None = None) -> dict:
     """Write ``root/manifest.json``: per-split shard counts, bytes, digests, every skipped input, and
     ``notes``: counts of odd-but-valid inputs that were kept after a conversion (CMYK, animated, ...)."""
+    kept = sum(s.count for infos in shards.values() for s in infos)
     manifest = {
         "source": source,
         "counts": {split: sum(s.count for s in infos) for split, infos in shards.items()},
         "shards": {split: [asdict(s) for s in infos] for split, infos in shards.items()},
         "skipped": [asdict(s) for s in skipped],
         "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
+        "inputs": {"tried": kept + len(skipped), "kept": kept, "skipped": len(skipped)},
         "notes": dict(sorted((notes or {}).items())),
     }
     write_json_atomic(Path(root) / "manifest.json", manifest)

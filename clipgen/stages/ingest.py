@@ -29,9 +29,9 @@ def build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
     else:
         from clipgen.data.ingest import ingest_urls
 
-        manifest = ingest_urls(cfg.data, out)
+        manifest = ingest_urls(cfg.data, out, map_fn)
     return {"counts": manifest["counts"], "skipped_by_reason": manifest["skipped_by_reason"],
-            "notes": manifest.get("notes", {})}
+            "notes": manifest.get("notes", {}), "inputs": manifest["inputs"]}
 
 
 def judge_config(cfg: PipelineConfig) -> dict[str, Any]:
