@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 PIPELINE ?= pipelines/shapes.yaml
 # Offline by design: model hubs are unreachable here and real weights come from local files.
 export HF_HUB_OFFLINE := 1
@@ -17,14 +18,16 @@ export PREFECT_HOME ?= $(CURDIR)/runs/.prefect
 # pip prints one warning per package for the machine's empty local index folders; hide only those lines.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo serve stop test test-slow test-all lint clean
+.PHONY: install install-dev demo serve stop test test-slow test-all lint clean
 
+# `make demo` installs what running needs; the test targets add the dev extra (pytest, ruff, references).
 install: $(STAMP)
+install-dev: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip $(QUIET_PIP)
-	$(BIN)/pip install -q -e '.[dev]' $(QUIET_PIP)
+	$(BIN)/pip install -q -e . $(QUIET_PIP)
 	# img2dataset without its declared deps: they include the `dataclasses` backport, whose
 	# dataclasses.py shadows the stdlib in Prefect's ephemeral server. Its real deps are in pyproject.
 	$(BIN)/pip install -q --no-deps 'img2dataset==1.47.0' $(QUIET_PIP)
@@ -32,6 +35,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import importlib.util as u, sys; s = u.find_spec('dataclasses'); \
 	  sys.exit(0 if 'site-packages' not in s.origin else 'dataclasses backport is installed: ' + s.origin)"
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]' $(QUIET_PIP)
+	$(BIN)/pip uninstall -q -y dataclasses 2>/dev/null || true
+	touch $(DEV_STAMP)
 
 demo: install
 	$(BIN)/clipgen run $(PIPELINE)
@@ -48,16 +56,16 @@ stop:
 # Prefect in-process need PREFECT_HOME to exist (Prefect only warns, then keeps its state elsewhere).
 PYTEST = mkdir -p "$(PREFECT_HOME)"; $(BIN)/python -m pytest -q $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
 
-test: install lint
+test: install-dev lint
 	$(call PYTEST,-m "not slow")
 
-test-slow: install
+test-slow: install-dev
 	$(call PYTEST,-m slow)
 
-test-all: install lint
+test-all: install-dev lint
 	$(call PYTEST,)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check clipgen flows tests benchmarks
 
 clean:

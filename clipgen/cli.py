@@ -96,8 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clipgen.preflight import check_inputs
 
     cfg = load_config(args.pipeline, args.overrides)  # fail on bad config before Prefect starts
-    parse_stages(args.stages)
-    check_inputs(cfg)
+    check_inputs(cfg, parse_stages(args.stages))
     print_results(cfg, run_flow(str(args.pipeline), args.overrides, args.stages))
     return 0
 
@@ -110,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     pipeline, overrides = resolve_target(args.run, args.overrides)
     cfg = load_config(pipeline, overrides)
-    check_inputs(cfg)
+    check_inputs(cfg, ["evaluate"])
     report = plan(cfg)["report"]
     if args.force and report.path.exists():
         shutil.rmtree(report.path)  # rebuilt below; every input artifact stays as it is

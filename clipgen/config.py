@@ -221,7 +221,8 @@ class PipelineConfig:
 
     @property
     def run_path(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        """Absolute: task runners whose workers start elsewhere (Dask) must find the same folder."""
+        return (Path(self.run_dir) if self.run_dir else Path("runs") / self.name).absolute()
 
 
 # ------------------------------------------------------------------------------------- loading

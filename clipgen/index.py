@@ -54,11 +54,25 @@ class NeighbourIndex(NamedTuple):
     keys: list[str]
 
 
-def load_index(out_dir: Path) -> NeighbourIndex:
+def load_index(out_dir: Path, gpu: bool = False) -> NeighbourIndex:
+    """The saved index; with ``gpu``, copied to GPU 0 when this faiss is a GPU build and sees a GPU."""
     path = Path(out_dir) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no faiss index at {path}; run the embed stage first")
-    return NeighbourIndex(faiss.read_index(str(path)), json.loads((Path(out_dir) / KEYS_FILE).read_text()))
+    index = faiss.read_index(str(path))
+    return NeighbourIndex(to_gpu(index) if gpu else index, json.loads((Path(out_dir) / KEYS_FILE).read_text()))
+
+
+_GPU_RESOURCES: list = []  # faiss GPU memory pools; they must outlive every index that uses them
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """``index`` on GPU 0 if faiss was built with GPU support (faiss-gpu-cu12) and finds a GPU; else itself."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return index
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], 0, index)
 
 
 class Neighbours(NamedTuple):

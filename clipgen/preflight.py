@@ -8,6 +8,7 @@ nothing to prompt. Each failure is one :class:`ConfigError` line that names the 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -17,30 +18,35 @@ from clipgen.config import PipelineConfig
 from clipgen.data.ingest import IngestError, check_source
 from clipgen.errors import ConfigError
 from clipgen.metrics import check_inception_weights
-from clipgen.pipeline import plan
+from clipgen.pipeline import STAGES, plan
 
 
-def check_inputs(cfg: PipelineConfig) -> None:
-    """Raise ConfigError if a stage of ``cfg`` would fail on its inputs; builds and writes nothing."""
-    if not plan(cfg)["shards"].is_complete():  # once ingested, the source may move or go
+def check_inputs(cfg: PipelineConfig, stages: Iterable[str] = STAGES) -> None:
+    """Raise ConfigError if one of ``stages`` would fail on its inputs; builds and writes nothing. Only the
+    stages asked for are checked: ``--stages ingest`` runs on a download host without the CLIP weights."""
+    stages = set(stages)
+    if "ingest" in stages and not plan(cfg)["shards"].is_complete():  # once ingested, the source may go
         try:
             check_source(cfg.data)
         except IngestError as exc:
             raise ConfigError(str(exc)) from exc
-    _check_clip("clip", cfg.clip.model, cfg.clip.pretrained)
-    if cfg.eval.scoring_clip:
-        _check_clip("eval.scoring_clip", cfg.eval.scoring_clip, cfg.eval.scoring_clip_pretrained)
+    if stages & {"embed", "train-gpt", "generate", "evaluate"}:  # the stages that load the CLIP
+        _check_clip("clip", cfg.clip.model, cfg.clip.pretrained)
     v = cfg.vqgan
-    if v.perceptual == "lpips" and not Path(v.lpips_weights).expanduser().exists():
+    if "train-vqgan" in stages and v.perceptual == "lpips" and not Path(v.lpips_weights).expanduser().exists():
         raise ConfigError(f"vqgan.lpips_weights: {v.lpips_weights} does not exist; give the LPIPS-VGG weights "
                           "file or folder (clipgen/models/lpips.py), or set vqgan.perceptual: none")
-    if cfg.eval.inception_weights:
-        try:
-            check_inception_weights(cfg.eval.inception_weights)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(str(exc)) from exc
-    _check_devices(cfg.train.devices)
-    _check_eval_prompts(cfg)
+    if stages & {"train-vqgan", "train-gpt"}:
+        _check_devices(cfg.train.devices)
+    if "evaluate" in stages:
+        if cfg.eval.scoring_clip:
+            _check_clip("eval.scoring_clip", cfg.eval.scoring_clip, cfg.eval.scoring_clip_pretrained)
+        if cfg.eval.inception_weights:
+            try:
+                check_inception_weights(cfg.eval.inception_weights)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(str(exc)) from exc
+        _check_eval_prompts(cfg)
 
 
 def _check_devices(devices: int) -> None:

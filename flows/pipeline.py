@@ -26,11 +26,12 @@ def clip_gen(pipeline: str = "pipelines/shapes.yaml", overrides: list[str] | Non
              stages: str | None = None) -> dict[str, dict]:
     """Run ``stages`` (comma-separated; default all) of ``pipeline`` with dotted ``overrides``."""
     cfg = load(pipeline, overrides)  # validates every value before any work starts
-    check_inputs(cfg)  # and what the config points at: data, weights files, GPUs
+    stage_names = parse_stages(stages)
+    check_inputs(cfg, stage_names)  # and what the config points at: data, weights files, GPUs
     save_run_config(cfg)
     logger = get_run_logger()
     results = {}
-    for stage in parse_stages(stages):
+    for stage in stage_names:
         logger.info("stage %s", stage)
         results[stage] = with_task_runner(STAGE_FLOWS[stage], cfg)(pipeline, overrides)
     return results

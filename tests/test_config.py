@@ -20,7 +20,7 @@ def test_shapes_defaults_resolve_presets():
     cfg = load_config("pipelines/shapes.yaml")
     assert cfg.gpt.n_layer == PRESETS["gpt"]["tiny"]["n_layer"]
     assert cfg.vqgan.downsample == 4 and cfg.vqgan.codebook_size == 1000
-    assert cfg.run_path == Path("runs/shapes")
+    assert cfg.run_path == Path.cwd() / "runs/shapes" and cfg.run_path.is_absolute()
 
 
 def test_imagenet_is_real_scale():

@@ -165,3 +165,19 @@ def test_a_training_step_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     means, _ = window.flush(tokens_per_step=8 * 40)
     assert 0 < means["ce"] < 10 and means["grad_norm"] > 0
+
+
+def test_faiss_search_on_the_gpu_finds_the_cpu_neighbours(tmp_path):
+    import faiss
+
+    from clipgen.index import build_index, load_index, save_index, search
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        pytest.skip("this faiss cannot use the GPU: install the gpu extra (faiss-gpu-cu12) in place of faiss-cpu")
+    vectors = np.random.default_rng(0).standard_normal((5000, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    save_index(build_index(vectors, "flat"), [str(i) for i in range(len(vectors))], tmp_path)
+    cpu, gpu = load_index(tmp_path), load_index(tmp_path, gpu=True)
+    assert "Gpu" in type(gpu.index).__name__
+    a, b = search(cpu, vectors[:200], 10), search(gpu, vectors[:200], 10)
+    assert (a.rows == b.rows).mean() > 0.999 and np.allclose(a.scores, b.scores, atol=1e-4)

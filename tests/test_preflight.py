@@ -143,3 +143,12 @@ def test_generate_rejects_a_prompt_that_is_not_utf8_before_loading_models(saved_
     prompt = os.fsdecode(b"a red \xff circle")  # what Python makes of undecodable bytes in argv
     assert cli.main(["generate", prompt, "--run", str(saved_run), "--out", str(tmp_path / "o")]) == 2
     assert "prompt 1 is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_only_the_stages_asked_for_are_checked(in_empty_folder, capsys):
+    """Ingest on a download host needs no CLIP weights; the stages that load the CLIP do."""
+    offline_tag = ["--set", "clip.model=ViT-B-32", "--set", "clip.pretrained=openai"]
+    with pytest.raises(AssertionError, match="reach the flow"):
+        cli.main(["run", str(SHAPES), "--stages", "ingest", *offline_tag])
+    fails_at_start(capsys, in_empty_folder, ["run", str(SHAPES), "--stages", "ingest,embed", *offline_tag],
+                   "clip.pretrained")

@@ -135,3 +135,23 @@ def test_killed_url_ingest_resumes_to_the_same_shards_and_counts_every_failure(t
     paths = [u.removeprefix(server) for u in fetched]
     assert [Handler.requests[p] for p in paths] == [1] * len(paths)
     assert not staging.exists()  # the shards hold every kept image
+
+
+@pytest.mark.slow
+def test_the_readme_coco_recipe_ingests_a_url_list(tmp_path, server):
+    """The README's COCO recipe, step 2, on a loopback copy of img2dataset's mscoco.parquet (URL and TEXT
+    columns, one row per caption, so image URLs repeat)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import clipgen
+
+    urls = [f"{server}/img/{i}.jpg" for i in range(20)] + [f"{server}/missing/{i}.jpg" for i in range(2)]
+    rows = [(u, f"caption {k} of {u}") for u in urls for k in range(2)]
+    listed = tmp_path / "mscoco.parquet"
+    pq.write_table(pa.table({"URL": [r[0] for r in rows], "TEXT": [r[1] for r in rows]}), listed)
+    clipgen(tmp_path, "run", "pipelines/coco.yaml", "--stages", "ingest", "--set", f"data.path={listed}",
+            "--set", f"run_dir={tmp_path / 'run'}", "--set", "data.workers=2")
+    [manifest] = (tmp_path / "run" / "shards").glob("*/manifest.json")
+    manifest = json.loads(manifest.read_text())
+    assert manifest["inputs"] == {"tried": 44, "kept": 20, "skipped": 24}
+    assert manifest["skipped_by_reason"] == {"download failed: http 404": 4, "duplicate url": 20}

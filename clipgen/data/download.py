@@ -11,7 +11,6 @@ from all parts in URL order, so they do not depend on how the list was cut or on
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import os
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from clipgen.artifacts import file_digest
 from clipgen.config import DataConfig
 from clipgen.data.shards import Skipped
 from clipgen.errors import IngestError
@@ -53,7 +53,7 @@ def split_url_list(data: DataConfig, url_list: Path, input_format: str, staging:
     import pyarrow.parquet as pq
 
     lists = staging / LISTS
-    stamp = {"sha256": _digest(url_list), "part_size": data.download_part_size,
+    stamp = {"sha256": file_digest(url_list), "part_size": data.download_part_size,
              "columns": [data.url_column, data.caption_column]}
     stamp_file = lists / "source.json"
     if not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp:
@@ -83,14 +83,6 @@ def _read_url_list(path: Path, input_format: str, columns: list[str]):
                               convert_options=pcsv.ConvertOptions(include_columns=columns,
                                                                   column_types={c: pa.string() for c in columns}))
     return table.cast(pa.schema([(c, pa.string()) for c in columns]))
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_part(data: DataConfig, part: Part) -> bool:

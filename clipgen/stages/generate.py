@@ -49,7 +49,7 @@ def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = 
     device = device or default_device()
     clip = run_clip(cfg, artifacts, device)
     embeddings = artifacts["embeddings"].path
-    index = load_index(embeddings)
+    index = load_index(embeddings, gpu=torch.device(device).type == "cuda")
     vectors = read_embeddings(cache_files(embeddings, "train")).vectors
     if len(vectors) != index.index.ntotal:
         raise ValueError(f"{embeddings}: the index holds {index.index.ntotal} vectors, the cache {len(vectors)}")
