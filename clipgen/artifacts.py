@@ -1,4 +1,4 @@
-"""Content-addressed, atomically written stage artifacts (DESIGN.md section 3).
+"""Content-addressed, atomically written stage artifacts; the README's "How it works" describes the layout.
 
 An artifact lives at ``<run_dir>/<kind>/<id>/`` where ``id`` is a short hash of the stage name, the ids
 of its inputs, the stage's output-affecting config and a code version. It is *complete* only once its
@@ -10,16 +10,20 @@ rename), which lets long stages keep finished pieces (shards, checkpoints) and r
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from clipgen.errors import ClipgenError
 
 log = logging.getLogger("clipgen")
 
@@ -70,16 +74,65 @@ class Artifact:
         write_text_atomic(self.marker, json.dumps(record, indent=2, sort_keys=True, default=str))
 
 
-def run_cached(artifact: Artifact, build, *, stage: str) -> dict[str, Any]:
-    """Run ``build(path) -> summary`` unless ``artifact`` is already complete; return the summary."""
+class ArtifactBusy(ClipgenError):
+    """Another process is building this artifact, and the caller asked not to wait for it."""
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        h = json.loads(lock_file.read_text())
+        return f"pid {h['pid']} on {h['host']}, since {time.strftime('%H:%M:%S', time.localtime(h['since']))}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def artifact_lock(artifact: Artifact, *, wait: bool = True) -> Iterator[None]:
+    """Hold the artifact's build lock: one builder per artifact, across processes on a shared folder.
+
+    An advisory ``flock`` on ``<kind>/.<id>.lock``. The kernel drops it when its holder exits, however it
+    exits, so a lock left by a killed run is taken over by the next run with no stale-lock guessing. The
+    file keeps the holder's pid and host so that a waiting run can say whom it waits for.
+    """
+    lock_file = artifact.path.with_name(f".{artifact.id}.lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(lock_file)
+            if not wait:
+                raise ArtifactBusy(f"{artifact.path} is being built by {holder}; wait for it, or set "
+                                   "orchestration.wait_for_locks=true to queue behind it") from None
+            log.info("%s is being built by %s; waiting for it", artifact.path, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        previous = _holder(lock_file) if lock_file.stat().st_size else None
+        if previous and not artifact.is_complete():
+            log.info("%s: taking over from %s, which stopped before finishing", artifact.path, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
+        yield
+        os.ftruncate(fd, 0)  # an empty lock file: nobody to take over from
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def run_cached(artifact: Artifact, build, *, stage: str, wait: bool = True) -> dict[str, Any]:
+    """Run ``build(path) -> summary`` unless ``artifact`` is already complete; return the summary and
+    ``cached`` (whether it was reused). A run that finds the artifact being built waits and then reuses it."""
     if artifact.is_complete():
         log.info("%s: cached, skipping (%s)", stage, artifact.path)
-        return {**artifact.summary(), "skipped": True}
-    log.info("%s: building %s", stage, artifact.path)
-    summary = build(artifact.prepare())
-    artifact.mark_complete(summary)
+        return {**artifact.summary(), "cached": True}
+    with artifact_lock(artifact, wait=wait):
+        if artifact.is_complete():  # built by the run we waited for
+            log.info("%s: built by another run, reusing (%s)", stage, artifact.path)
+            return {**artifact.summary(), "cached": True}
+        log.info("%s: building %s", stage, artifact.path)
+        summary = build(artifact.prepare())
+        artifact.mark_complete(summary)
     log.info("%s: done (%s)", stage, artifact.path)
-    return {**artifact.summary(), "skipped": False}
+    return {**artifact.summary(), "cached": False}
 
 
 @contextlib.contextmanager

@@ -79,7 +79,7 @@ def print_results(cfg: PipelineConfig, results: dict[str, dict]) -> None:
     print(f"\nrun folder: {cfg.run_path.resolve()}")
     for stage, steps in results.items():
         for name, res in steps.items():
-            state = "cached" if res["skipped"] else "built"
+            state = "cached" if res["cached"] else "built"
             print(f"  {stage:<14} {name:<10} {state:<7} {res['path']}")
     report = results.get("evaluate", {}).get("report")
     if report:

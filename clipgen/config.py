@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from clipgen.errors import ConfigError
+from clipgen.presets import expand_presets
 from clipgen.validate import validate
 
 
@@ -33,7 +34,7 @@ def runtime_only(default: Any) -> Any:
 # ----------------------------------------------------------------------------------------- sections
 @dataclass
 class WorldConfig:
-    """The synthetic shapes world (DESIGN.md section 4). Only used when ``data.source: world``."""
+    """The synthetic shapes world. Only used when ``data.source: world``."""
 
     n_captioned: int = 20000  # toy-CLIP pretraining split (captions used)
     n_train: int = 30000  # CLIP-GEN training split (captions never read by the generator)
@@ -203,7 +204,8 @@ class OrchestrationConfig:
     task_runner: Literal["threads", "dask"] = runtime_only("threads")
     max_workers: int = runtime_only(2)
     dask_address: str | None = runtime_only(None)  # null = start a local Dask cluster
-    retries: int = runtime_only(1)  # only I/O tasks retry
+    # a run that reaches an artifact another process is building waits for it and reuses it; false: fail at once
+    wait_for_locks: bool = runtime_only(True)
 
 
 @dataclass
@@ -241,8 +243,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    from clipgen.presets import expand_presets  # presets depend on the section classes above
-
     cfg = build(PipelineConfig, expand_presets(raw), "")
     validate(cfg)
     return cfg

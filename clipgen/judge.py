@@ -1,4 +1,4 @@
-"""The shapes-world judge: a small CNN that says which shape and colour an image shows (DESIGN.md section 4).
+"""The shapes-world judge: a small CNN that says which shape and colour an image shows.
 
 Prompt accuracy (does the generated image show what the prompt asked for?) needs a scorer that shares
 nothing with the CLIP that conditions the generator, or the generator could be graded by its own teacher.

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 KID_SUBSETS = 100
 MAX_KID_SUBSET = 1000  # torch-fidelity's default subset size, shrunk for small sets
+MIN_IMAGES_PER_SET = 4  # FD needs a covariance; KID and precision/recall need neighbours
 
 
 class UInt8Images(Dataset):
@@ -101,8 +102,8 @@ def fidelity_metrics(generated: np.ndarray, reference: np.ndarray, extractor: st
     """
     import torch_fidelity
 
-    if min(len(generated), len(reference)) < 4:
-        raise ValueError(f"FD/KID/PR need at least 4 images per set; got {len(generated)} and {len(reference)}")
+    if min(len(generated), len(reference)) < MIN_IMAGES_PER_SET:
+        raise ValueError(f"FD/KID/PR need at least {MIN_IMAGES_PER_SET} images per set; got {len(generated)} and {len(reference)}")
     cached = reference_cache_name is not None
     raw = torch_fidelity.calculate_metrics(
         input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, kid=True, prc=True,

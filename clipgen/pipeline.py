@@ -117,7 +117,7 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
         build = lambda out: launch_step(cfg, name, out)  # noqa: E731
     else:
         build = lambda out: step.build(cfg, inputs, out, map_fn)  # noqa: E731
-    summary = run_cached(artifact, build, stage=name)
+    summary = run_cached(artifact, build, stage=name, wait=cfg.orchestration.wait_for_locks)
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
 
 

@@ -17,7 +17,7 @@ from clipgen.clip import ClipLoadError, check_clip_model, check_clip_source
 from clipgen.config import PipelineConfig
 from clipgen.data.ingest import IngestError, check_source
 from clipgen.errors import ConfigError
-from clipgen.metrics import check_inception_weights
+from clipgen.metrics import MIN_IMAGES_PER_SET, check_inception_weights
 from clipgen.pipeline import STAGES, plan
 
 
@@ -74,7 +74,12 @@ def _check_clip(key: str, model: str, pretrained: str | None) -> None:
 def _check_eval_prompts(cfg: PipelineConfig) -> None:
     """World data has its own prompts and URL lists their captions; a folder has only what the config lists."""
     d = cfg.data
-    if cfg.eval.prompts or cfg.sample.prompts or d.source == "world" or d.caption_column is not None:
+    listed = cfg.eval.prompts or ([] if d.source == "world" or d.caption_column is not None else cfg.sample.prompts)
+    if listed and len(listed) * cfg.eval.images_per_prompt < MIN_IMAGES_PER_SET:
+        raise ConfigError(f"eval.images_per_prompt: {cfg.eval.images_per_prompt} image(s) for each of "
+                          f"{len(listed)} prompt(s) is under the {MIN_IMAGES_PER_SET} per set that FD, KID and "
+                          "precision/recall need; raise it or list more prompts")
+    if listed or d.source == "world" or d.caption_column is not None:
         return
     raise ConfigError(f"eval.prompts: empty, and data.source {d.source!r} has no captions to evaluate with "
                       "(set data.caption_column for a captioned URL list); list the evaluation prompts under "

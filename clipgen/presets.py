@@ -1,6 +1,6 @@
 """Named model presets, open_clip style: a registry of small dicts that a config section can name.
 
-``gpt: {preset: small, n_layer: 6}`` starts from the ``small`` preset and overrides ``n_layer``.
+``gpt: {preset: mid, n_layer: 6}`` starts from the ``mid`` preset and overrides ``n_layer``.
 Presets only fill keys; the typed loader in :mod:`clipgen.config` still checks every resulting value.
 """
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+
+from clipgen.errors import ConfigError
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpt": {
@@ -44,8 +46,6 @@ def preset_names(section: str) -> list[str]:
 
 def expand_presets(raw: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of ``raw`` where each section's ``preset`` is replaced by its values + overrides."""
-    from clipgen.config import ConfigError
-
     out = copy.deepcopy(raw)
     for section, table in PRESETS.items():
         body = out.get(section)

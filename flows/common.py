@@ -53,6 +53,6 @@ def run_stage(cfg: PipelineConfig, stage: str) -> dict[str, dict]:
     results = {}
     for step in steps_of(stage, cfg):
         result = run_step(cfg, step.name, map_fn=prefect_map)
-        logger.info("%s %s: %s", step.name, "cached, skipped" if result["skipped"] else "built", result["path"])
+        logger.info("%s %s: %s", step.name, "cached, skipped" if result["cached"] else "built", result["path"])
         results[step.name] = result
     return results

@@ -40,7 +40,7 @@ def test_run_cached_builds_once_and_never_trusts_an_unmarked_dir(tmp_path):
     assert not art.is_complete()
     first = run_cached(art, build, stage="things")
     second = run_cached(art, build, stage="things")
-    assert len(calls) == 1 and first["skipped"] is False and second["skipped"] is True
+    assert len(calls) == 1 and first["cached"] is False and second["cached"] is True
     assert second["n"] == 1 and second["id"] == "abc123"
 
 

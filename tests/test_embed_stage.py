@@ -39,7 +39,7 @@ def test_embed_writes_every_sample_once_and_an_index(run):
 
 def test_rerun_skips_and_an_interrupted_embed_redoes_only_missing_shards(run, monkeypatch):
     art = plan(run)["embeddings"]
-    assert run_step(run, "embeddings")["skipped"] is True
+    assert run_step(run, "embeddings")["cached"] is True
     files = cache_files(art.path, "train")
     before = {p.name: p.read_bytes() for p in files}
     files[1].unlink()  # as if killed after the other shards finished
@@ -51,7 +51,7 @@ def test_rerun_skips_and_an_interrupted_embed_redoes_only_missing_shards(run, mo
     monkeypatch.setattr(embed_module, "embed_shards", lambda clip, jobs, *a, **k: calls.extend(o.name for _, o in jobs)
                         or real(clip, jobs, *a, **k))
     result = run_step(run, "embeddings")
-    assert result["skipped"] is False and calls == [files[1].name]
+    assert result["cached"] is False and calls == [files[1].name]
     assert {p.name: p.read_bytes() for p in cache_files(art.path, "train")} == before
 
 

@@ -145,7 +145,7 @@ def test_report_builds_and_every_linked_image_exists(tiny_run):
         assert set(mix) == {"size", "background"} and all(sum(m.values()) == pytest.approx(1, abs=1e-3) for m in mix.values())
     assert "What the judge reads: sizes and backgrounds" in page
     assert metrics["ids"]["gpt"] and metrics["tokenizer"]["reconstruction_fd"] >= 0
-    assert run_step(cfg, "report")["skipped"]  # a second run is cached
+    assert run_step(cfg, "report")["cached"]  # a second run is cached
 
 
 def test_report_with_missing_inception_weights_fails_before_any_work(tiny_run, tmp_path):

@@ -32,13 +32,13 @@ def test_trains_from_the_caches(run):
 
 
 def test_rerun_skips_and_a_gpt_key_retrains_leaving_the_caches_alone(run):
-    assert run_step(run, "gpt")["skipped"] is True
+    assert run_step(run, "gpt")["cached"] is True
     changed = load_config("pipelines/shapes.yaml", [*TINY, "gpt.lr=1e-3", f"run_dir={run.run_path}"])
     before, after = plan(run), plan(changed)
     assert all(before[name].id == after[name].id for name in CACHES)
     assert after["gpt"].id != before["gpt"].id and not after["gpt"].is_complete()
     stamps = {name: before[name].marker.stat().st_mtime_ns for name in CACHES}
-    assert run_step(changed, "gpt")["skipped"] is False
+    assert run_step(changed, "gpt")["cached"] is False
     assert {name: plan(changed)[name].marker.stat().st_mtime_ns for name in CACHES} == stamps
 
 

@@ -70,6 +70,8 @@ CASES = {  # id: (overrides, or a function of the tmp folder giving them; the ke
     "folder without eval prompts": (
         lambda t: ["data.source=folder", f"data.path={write_file(t, 'a.png') and t / 'data'}", "sample.prompts=[]"],
         "eval.prompts"),
+    "too few evaluation images for FD": (["eval.prompts=[a dog, a cat]", "eval.images_per_prompt=1"],
+                                         "eval.images_per_prompt"),
     "missing CLIP file": (lambda t: [f"clip.pretrained={t}/clip.safetensors"], "clip.pretrained"),
     "uncached CLIP tag offline": (["clip.model=ViT-B-32", "clip.pretrained=openai"], "clip.pretrained"),
     "unknown CLIP": (["clip.model=ViT-Q-99"], "clip.model"),

@@ -18,10 +18,10 @@ PHOTOS = ["astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png",
           "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
           "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
           "color.png"]
-FEW_STEPS = ["clip.pretrained=null", "data.heldout_fraction=0.2", "data.workers=2", "clip.batch_size=8",
+FEW_STEPS = ["clip.pretrained=null", "data.heldout_fraction=0.3", "data.workers=2", "clip.batch_size=8",
              "vqgan.steps=2", "vqgan.batch_size=2", "vqgan.disc_start=0", "gpt.steps=2", "gpt.batch_size=2",
              "gpt.warmup_steps=1", "train.devices=1", "train.precision=fp32", "train.log_every=1", "sample.n_per_prompt=1",
-             "sample.rerank_candidates=0", "sample.top_k=100", "eval.images_per_prompt=1",
+             "sample.rerank_candidates=0", "sample.top_k=100", "eval.images_per_prompt=2",
              "orchestration.max_workers=2"]
 
 
@@ -42,7 +42,7 @@ def test_the_imagenet_shapes_run_end_to_end_on_real_photographs(tmp_path):
     assert "report:" in out, out
     [metrics] = (tmp_path / "run" / "report").glob("*/metrics.json")
     metrics = json.loads(metrics.read_text())
-    assert metrics["images_per_set"] == 3 and metrics["reference_images"] >= 1
+    assert metrics["images_per_set"] == 6 and metrics["reference_images"] >= 1
     assert metrics["prompts"] == ["a photo of a golden retriever", "a red sports car", "a bowl of ramen"]
     assert set(metrics["rows"]) == {"samples", "real images", "VQGAN reconstructions", "random token grids"}
     drawn = sorted((tmp_path / "run" / "samples").glob("*/*.png"))

@@ -1,4 +1,4 @@
-"""Ingest an image folder or a URL list into WebDataset shards (DESIGN.md sections 3 and 7).
+"""Ingest an image folder or a URL list into WebDataset shards.
 
 Both sources end in the same place: every input is read as bytes, decoded and resized by
 :func:`clipgen.data.images.load_rgb` in a pool of worker processes, and written as ``KEY.jpg`` +

@@ -1,4 +1,4 @@
-"""The synthetic shapes world: the embedded, offline dataset of the default pipeline (DESIGN.md section 4).
+"""The synthetic shapes world: the embedded, offline dataset of the default pipeline.
 
 Each image shows one coloured shape (circle, square, triangle, star) of varied size, position and
 rotation on a dark, desaturated background, with ground-truth attributes and a templated caption. Four

@@ -1,4 +1,4 @@
-"""Model definitions: the image tokenizer (quantizer, VQGAN, discriminator) and, later, the GPT prior."""
+"""Model definitions: the image tokenizer (quantizer, VQGAN, discriminator) and the GPT prior (:mod:`clipgen.models.gpt`)."""
 
 from clipgen.models.quantizer import FSQ, Quantized, VectorQuantizer, build_quantizer
 from clipgen.models.vqgan import VQGAN, load_vqgan

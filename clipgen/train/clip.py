@@ -1,6 +1,6 @@
 """Contrastive pretraining of the bundled toy CLIP, and the probes that say whether it is good enough.
 
-The toy CLIP stands in for OpenAI's CLIP in the self-contained shapes pipeline (DESIGN.md section 4): it
+The toy CLIP stands in for OpenAI's CLIP in the self-contained shapes pipeline: it
 is trained with CLIP's symmetric InfoNCE objective (Radford et al. 2021) and a learnable temperature on
 the *captioned* world split, then frozen for CLIP-GEN (Wang et al. 2022).
 
