@@ -10,7 +10,7 @@ the best of ``--repeats`` timed calls after one warm-up call (which captures the
   graph-bucket  a graph per ``--bucket`` positions; SDPA over the filled positions rounded up, masked
   graph-exact   a graph per position; SDPA over exactly the filled positions, no mask (FlashAttention)
   graph-kernel  one graph; a Triton kernel reads the filled length on the device (no mask, no buckets)
-  graph         sample_tokens(cuda_graph=True), the library's choice (``graph_attention`` says which)
+  graph         sample_tokens_graphed with its defaults, the library's choice (``graph_attention`` says which)
   On CPU the graph-* paths run the same static steps eagerly, without graphs.
 
 Greedy parity: before its timings, each path samples ``--parity-rows`` conditions greedily in fp32 and must
@@ -54,8 +54,10 @@ CPU_BATCH = {"tiny": 32, "mid": 4, "base": 2, "paper": 1}
 def sample(path: str, model: GPT, cond: torch.Tensor, s: Sampling, cache_dtype, bucket: int) -> torch.Tensor:
     """One call of ``path`` (see the module doc)."""
     cuda = cond.device.type == "cuda"
-    if path == "plain" or (path == "graph" and cuda):
-        return sample_tokens(model, cond, s, cache_dtype=cache_dtype, cuda_graph=path == "graph")
+    if path == "plain":
+        return sample_tokens(model, cond, s, cache_dtype=cache_dtype)
+    if path == "graph" and cuda:
+        return sample_tokens_graphed(model, cond, s, cache_dtype=cache_dtype)
     attention = {"graph": "auto", "graph-whole": "bucket"}.get(path, path.removeprefix("graph-"))
     if path == "graph-whole":
         bucket = model.shape.seq_len

@@ -39,7 +39,7 @@ def sampling_lines(body: dict) -> list[str]:
                     lines.append(f"  {row['preset']:<7}{batch:>6}  {path:<13}{entry['images_per_s']:>10}"
                                  f"{entry.get('of_bound', '-'):>10}{bound:>9}  {parity}")
         if "graph_attention" in row:
-            lines.append(f"  {row['preset']}: sample_tokens(cuda_graph=True) used attention={row['graph_attention']}")
+            lines.append(f"  {row['preset']}: sample_tokens_graphed used attention={row['graph_attention']}")
     return lines
 
 

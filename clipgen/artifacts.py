@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,16 @@ class Artifact:
         return json.loads(self.marker.read_text())
 
     def prepare(self) -> Path:
-        """Create the directory to build into; pieces finished by an interrupted run are kept."""
+        """Create the directory to build into. Pieces finished by an interrupted run are kept; its temp files
+        (``.NAME.tmp-PID``, half-written when it stopped) are swept. Called under the artifact's lock, so no
+        live process is writing them."""
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in sorted(self.path.rglob(".*.tmp-*"), reverse=True):
+            log.info("removing %s, left by an interrupted run", stale)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         return self.path
 
     def mark_complete(self, summary: Mapping[str, Any]) -> None:
@@ -118,14 +127,30 @@ def artifact_lock(artifact: Artifact, *, wait: bool = True) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def run_cached(artifact: Artifact, build, *, stage: str, wait: bool = True) -> dict[str, Any]:
+def run_cached(artifact: Artifact, build, *, stage: str, wait: bool = True,
+               damaged: Callable[[Path], list[tuple[Path, str]]] | None = None) -> dict[str, Any]:
     """Run ``build(path) -> summary`` unless ``artifact`` is already complete; return the summary and
-    ``cached`` (whether it was reused). A run that finds the artifact being built waits and then reuses it."""
-    if artifact.is_complete():
+    ``cached`` (whether it was reused). A run that finds the artifact being built waits and then reuses it.
+
+    ``damaged(path)`` lists the files of a complete artifact that can no longer be trusted (a cut shard, a
+    Parquet file without its footer); they are deleted, with a warning naming each, and rebuilt.
+    """
+    def reusable() -> bool:
+        if not artifact.is_complete():
+            return False
+        bad = damaged(artifact.path) if damaged else []
+        for path, problem in bad:
+            log.warning("%s: %s is damaged (%s); rebuilding it", stage, path, problem)
+            path.unlink(missing_ok=True)
+        if bad:
+            artifact.marker.unlink(missing_ok=True)
+        return not bad
+
+    if reusable():
         log.info("%s: cached, skipping (%s)", stage, artifact.path)
         return {**artifact.summary(), "cached": True}
     with artifact_lock(artifact, wait=wait):
-        if artifact.is_complete():  # built by the run we waited for
+        if reusable():  # built by the run we waited for
             log.info("%s: built by another run, reusing (%s)", stage, artifact.path)
             return {**artifact.summary(), "cached": True}
         log.info("%s: building %s", stage, artifact.path)
@@ -143,12 +168,31 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        _fsync_tree(tmp)  # the bytes reach the disk before the name does: a crash leaves old or new, never junk
         os.replace(tmp, final)
+        _fsync(final.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if child.is_file() and not child.is_symlink():
+                _fsync(child)
+    if path.exists():
+        _fsync(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -166,3 +210,56 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _listing(path: Path, change_stamp: bool = False) -> list[tuple]:
+    """(relative POSIX path, size, mtime in ns) of every file under ``path`` (or of ``path`` itself), sorted;
+    with ``change_stamp`` also the inode and ctime, which every write changes and no tool can set back.
+    Symlinked folders are not followed, as ingest does not follow them; an unreadable entry is listed as -1."""
+    def entry(full: str, rel: str) -> tuple:
+        try:
+            st = os.stat(full)
+        except OSError:
+            return (rel, -1, -1)
+        return (rel, st.st_size, st.st_mtime_ns, *((st.st_ino, st.st_ctime_ns) if change_stamp else ()))
+
+    if not path.is_dir():
+        return [entry(str(path), path.name)]
+    found = []
+    for dirpath, _, filenames in os.walk(path, followlinks=False):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            found.append(entry(full, Path(os.path.relpath(full, path)).as_posix()))
+    return sorted(found)
+
+
+def listing_digest(folder: str | Path) -> str:
+    """Changes when any file under ``folder`` is added, removed, resized or touched: cheap enough for a data
+    folder of millions of images (one stat each, no reads)."""
+    payload = json.dumps(_listing(Path(folder)), separators=(",", ":"))
+    return "listing:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _content_digest(path: str, stamps: tuple[tuple, ...]) -> str:
+    h = hashlib.sha256()
+    root = Path(path)
+    for rel, *_ in stamps:
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+        h.update(file_digest(root if root.is_file() else root / rel).encode())
+    return h.hexdigest()
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 over the content of a file, or of every file in a folder (with their relative paths). Hashed
+    once per process while no file under it is written (the memo is keyed by inode and ctime too)."""
+    path = Path(path).resolve()
+    return "sha256:" + _content_digest(str(path), tuple(_listing(path, change_stamp=True)))
+
+
+def weights_identity(value: str | None) -> str | None:
+    """What a weights setting contributes to a stage id: the digest of a local file or folder, else the value
+    itself (an open_clip tag, whose weights are fixed, or None)."""
+    if value is None or not Path(value).exists():
+        return value
+    return content_digest(value)

@@ -122,9 +122,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.target, args.overrides)
     print(f"run folder: {cfg.run_path}")
-    for name, art in plan(cfg).items():
+    artifacts = plan(cfg)
+    for name, art in artifacts.items():
         state = "cached" if art.is_complete() else "missing"
-        print(f"  {STEPS_BY_NAME[name].stage:<14} {name:<10} {art.id}  {state:<7} {art.path}")
+        reads = ", ".join(n for n in STEPS_BY_NAME[name].inputs if n in artifacts) or "-"
+        print(f"  {STEPS_BY_NAME[name].stage:<14} {name:<10} {art.id}  {state:<7} reads {reads:<46} {art.path}")
     return 0
 
 
@@ -156,6 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from clipgen.generate import check_prompts, generate, judged_per_prompt, write_outputs
+    from clipgen.pipeline import plan
     from clipgen.stages.generate import load_generator
     from clipgen.validate import validate_sample
 
@@ -168,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(cfg.sample, **given)
     flags = {"n_per_prompt": "-n", "rerank_candidates": "--rerank"}  # the others: --field-name
     validate_sample(settings, lambda k: flags.get(k, "--" + k.replace("_", "-")) if k in given else f"sample.{k}")
-    result = generate(load_generator(cfg), prompts, settings)
+    result = generate(load_generator(cfg, plan(cfg)), prompts, settings)
     table = write_outputs(result, args.out)
     print(f"{len(result.images)} images and {table.name} in {args.out}")
     judged = judged_per_prompt(result) if result.verdict is not None else {}

@@ -142,6 +142,14 @@ class Judge:
         """attribute -> predicted label ids, int64 ``[N]``: indices into ``labels[attribute]``."""
         return {name: logits.argmax(1) for name, logits in self.logits(images).items()}
 
+    def agreement(self, before, after) -> dict[str, float]:
+        """How often the judge reads the same attribute in ``after[i]`` as in ``before[i]`` (say, a VQGAN
+        reconstruction and its original), per attribute and for shape and colour together (``both``)."""
+        first, second = self.predict_ids(before), self.predict_ids(after)
+        same = {name: (first[name] == second[name]).cpu() for name in self.labels}
+        same["both"] = same["shape"] & same["colour"]
+        return {**{name: float(hit.float().mean()) for name, hit in same.items()}, "images": len(before)}
+
     def predict(self, images) -> JudgeVerdict:
         """Predicted label names: one shape, colour, size word and background word per image."""
         ids = self.predict_ids(images)

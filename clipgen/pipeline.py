@@ -19,7 +19,8 @@ import yaml
 
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
-from clipgen.stages import embed, evaluate, generate, gpt, ingest, tokenizer
+from clipgen.data.shards import damaged_shards
+from clipgen.stages import damaged_parquet, embed, evaluate, generate, gpt, ingest, tokenizer
 from clipgen.train.launch import launch_step, wants_torchrun
 
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
@@ -46,28 +47,30 @@ class Step:
     build: Callable[[PipelineConfig, dict[str, Artifact], Path, MapFn], dict[str, Any]]
     applies: Callable[[PipelineConfig], bool] = lambda cfg: True
     distributed: bool = False  # trains with DDP: train.devices/nodes > 1 launch it under torchrun
+    damaged: Callable[[Path], list[tuple[Path, str]]] | None = None  # files of a finished artifact gone bad
 
 
 STEPS: tuple[Step, ...] = (
-    Step("shards", "ingest", "shards", (), "3", ingest.shards_config, ingest.build_shards),
+    Step("shards", "ingest", "shards", (), "3", ingest.shards_config, ingest.build_shards, damaged=damaged_shards),
     Step("judge", "ingest", "judge", (), "2", ingest.judge_config, ingest.build_judge,
          applies=lambda cfg: cfg.data.source == "world"),
     Step("toyclip", "pretrain-clip", "ckpt/clip", ("shards",), "1", embed.toyclip_config, embed.build_toyclip,
          applies=lambda cfg: cfg.clip.model == "toy-clip"),
     Step("embeddings", "embed", "cache/clip", ("shards", "toyclip"), "1", embed.embed_config,
-         embed.build_embeddings),
-    Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "1", tokenizer.vqgan_config, tokenizer.build_vqgan,
+         embed.build_embeddings, damaged=damaged_parquet),
+    Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "2", tokenizer.vqgan_config, tokenizer.build_vqgan,
          distributed=True),
     Step("tokens", "tokenize", "cache/tokens", ("shards", "vqgan"), "1", tokenizer.tokens_config,
-         tokenizer.build_tokens),
+         tokenizer.build_tokens, damaged=damaged_parquet),
     # the VQGAN and CLIP are inputs for loading only (the consistency loss, the sample check): the caches'
     # ids already cover them
     Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "2", gpt.gpt_config,
          gpt.build_gpt, distributed=True),
-    Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip"), "2",
+    # the shards' held-out labels and the judge score the image-conditioned draws (shapes world)
+    Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "2",
          generate.generate_config, generate.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
-    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "4",
+    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "5",
          evaluate.evaluate_config, evaluate.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}
@@ -117,7 +120,7 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
         build = lambda out: launch_step(cfg, name, out)  # noqa: E731
     else:
         build = lambda out: step.build(cfg, inputs, out, map_fn)  # noqa: E731
-    summary = run_cached(artifact, build, stage=name, wait=cfg.orchestration.wait_for_locks)
+    summary = run_cached(artifact, build, stage=name, wait=cfg.orchestration.wait_for_locks, damaged=step.damaged)
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
 
 

@@ -5,8 +5,8 @@ single-token step per image token, for the whole batch at once. Classifier-free 
 conditional and the null-conditioned rows in the same batch and mixes their logits,
 ``uncond + scale * (cond - uncond)``. :func:`sample_tokens_uncached` is the reference loop of the public
 CLIP-GEN code (the full prefix recomputed for every new token), kept for parity tests and benchmarks.
-On a GPU, ``sample_tokens(..., cuda_graph=True)`` replays each step as a CUDA graph
-(:mod:`clipgen.sample_graphed`).
+On a GPU, :func:`clipgen.sample_graphed.sample_tokens_graphed` replays each step as a CUDA graph; it builds
+on the pieces here (this module never imports it).
 """
 
 from __future__ import annotations
@@ -86,21 +86,8 @@ def with_null(model: GPT, cond: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_tokens(model: GPT, cond: torch.Tensor, s: Sampling = Sampling(),
-                  generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None,
-                  cuda_graph: bool = False) -> torch.Tensor:
-    """Token grids ``[B, N]`` for conditions ``[B, D]`` with the KV cache (see the module doc).
-
-    ``cuda_graph``: run each single-token step as a replayed CUDA graph that reads only the filled part of
-    the cache and draws the token itself (:mod:`clipgen.sample_graphed`; CUDA only): no Python between
-    kernels, so the GPU does not idle between small ones. Its draws are this loop's for the same logits;
-    its attention kernel may round differently, so seeded tokens can differ where logits nearly tie.
-    """
-    if cuda_graph:
-        from clipgen.sample_graphed import sample_tokens_graphed
-
-        if next(model.parameters()).device.type != "cuda":
-            raise ValueError("cuda_graph sampling needs the model on a CUDA device")
-        return sample_tokens_graphed(model, cond, s, generator, cache_dtype)
+                  generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Token grids ``[B, N]`` for conditions ``[B, D]`` with the KV cache (see the module doc)."""
     batch, n = len(cond), model.shape.n_tokens
     rows = with_null(model, cond, s)
     cache = model.new_cache(len(rows), cache_dtype)

@@ -1,6 +1,7 @@
 """Token sampling with every single-token step replayed as a CUDA graph (static-cache decoding, gpt-fast style).
 
-:func:`clipgen.sample.sample_tokens` with ``cuda_graph=True`` lands here. What makes it fast on a GPU:
+:func:`sample_tokens_graphed` is :func:`clipgen.sample.sample_tokens` with static steps. What makes it fast on
+a GPU:
 
 * Each step has fixed shapes (:meth:`GPT.decode_static`), so it is captured once as a CUDA graph and then
   replayed: a 24-layer step is ~400 kernels, launched with no Python between them.
@@ -160,10 +161,14 @@ def sample_tokens_graphed(model: GPT, cond: torch.Tensor, s: Sampling | None = N
                           generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None,
                           attention: str = "auto", bucket: int = 16, graphs: bool | None = None) -> torch.Tensor:
     """:func:`clipgen.sample.sample_tokens` with static steps (see the module doc); ``graphs`` defaults to
-    whether the model is on CUDA, and ``attention="auto"`` is the Triton kernel where it runs, else buckets."""
+    whether the model is on CUDA, and ``attention="auto"`` is the Triton kernel where it runs, else buckets.
+    Its draws are the plain loop's for the same logits; its attention kernel may round differently, so
+    seeded tokens can differ where logits nearly tie."""
     s = Sampling() if s is None else s
     device = next(model.parameters()).device
     graphs = device.type == "cuda" if graphs is None else graphs
+    if graphs and device.type != "cuda":
+        raise ValueError("CUDA graph sampling needs the model on a CUDA device")
     compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else _dtype_of(model)
     if attention == "auto":

@@ -52,3 +52,14 @@ def test_runtime_only_keys_do_not_change_ids_but_output_keys_do():
     assert base["shards"].id == workers["shards"].id and base["judge"].id == workers["judge"].id
     assert base["shards"].id != size["shards"].id
     assert base["shards"].id == judge["shards"].id and base["judge"].id != judge["judge"].id
+
+
+def test_a_rebuild_sweeps_an_interrupted_runs_temp_files_and_keeps_its_finished_pieces(tmp_path):
+    art = Artifact(tmp_path, "things", "abc")
+    (art.path / "sub" / ".ckpt.tmp-999").mkdir(parents=True)
+    (art.path / "sub" / ".ckpt.tmp-999" / "weights").write_bytes(b"half")
+    (art.path / ".part.parquet.tmp-998").write_bytes(b"half")
+    (art.path / "finished.parquet").write_bytes(b"whole")
+    seen = []
+    run_cached(art, lambda out: seen.append(sorted(p.name for p in out.rglob("*"))) or {}, stage="things")
+    assert seen == [["finished.parquet", "sub"]]

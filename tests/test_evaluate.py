@@ -180,6 +180,6 @@ def test_anchor_sets_shrink_to_a_held_out_split_smaller_than_the_samples(tiny_ru
 
     held = read_labeled_split(plan(tiny_run)["shards"].path, "heldout", tiny_run.data.image_size, limit=100)
     prompts = eval_prompts(tiny_run, held.meta)
-    sets = anchor_sets(tiny_run, load_generator(tiny_run), held, prompts, n=len(held.images) + 20)
+    sets = anchor_sets(tiny_run, load_generator(tiny_run, plan(tiny_run)), held, prompts, n=len(held.images) + 20)
     for s in sets:  # images and texts agree in every set, and no set invents real images
         assert len(s.images) == len(s.texts) == len(s.groups) == len(held.images), s.name

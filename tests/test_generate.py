@@ -17,7 +17,7 @@ from clipgen.stages.generate import load_generator
 
 @pytest.fixture(scope="module")
 def gen(tiny_run):
-    return load_generator(tiny_run)
+    return load_generator(tiny_run, plan(tiny_run))
 
 
 def test_same_seed_same_images_other_seed_other_images(gen, tiny_run):
@@ -143,4 +143,4 @@ def test_generate_step_reports_prompt_accuracy_seen_and_held_out(tiny_run):
 def test_a_missing_stage_is_a_clear_error(tmp_path):
     cfg = load_config("pipelines/shapes.yaml", [f"run_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="no finished 'embeddings' step"):
-        load_generator(cfg)
+        load_generator(cfg, plan(cfg))

@@ -107,8 +107,8 @@ def test_graphed_seeded_draws_equal_the_plain_loops_and_the_default_runs_in_bf16
     assert torch.equal(sample_tokens_graphed(model, cond, s, seeded(3), attention="exact"), plain)
     assert not torch.equal(sample_tokens_graphed(model, cond, s, seeded(4), attention="exact"), plain)
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the library's default path, as the benchmark runs it
-        first = sample_tokens(model, cond, s, seeded(5), cache_dtype=torch.bfloat16, cuda_graph=True)
-        again = sample_tokens(model, cond, s, seeded(5), cache_dtype=torch.bfloat16, cuda_graph=True)
+        first = sample_tokens_graphed(model, cond, s, seeded(5), cache_dtype=torch.bfloat16)
+        again = sample_tokens_graphed(model, cond, s, seeded(5), cache_dtype=torch.bfloat16)
     assert torch.equal(first, again) and first.shape == (3, 40) and 0 <= int(first.min()) <= int(first.max()) < 300
 
 

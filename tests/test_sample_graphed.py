@@ -78,7 +78,7 @@ def test_bad_settings_are_refused(model):
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         sample_tokens_graphed(model, conditions(), attention="flash", graphs=False)
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
-        sample_tokens(model, conditions(), cuda_graph=True)
+        sample_tokens_graphed(model, conditions(), graphs=True)
 
 
 def test_the_triton_kernel_attends_over_the_filled_positions_and_samples_the_reference_tokens():

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipgen.artifacts import atomic_path, file_digest, write_json_atomic
+from clipgen.errors import ClipgenError
 
 IMAGE_EXTS = ("png", "jpg")
 T = TypeVar("T")
@@ -218,8 +219,38 @@ def read_manifest(root: Path) -> dict:
 
 
 def shard_paths(root: Path, split: str) -> list[Path]:
-    """The shard files of one split, in order, as listed in the manifest."""
+    """The shard files of one split, in order, as listed in the manifest; each one's size is checked against
+    the manifest's (a stat), so a shard cut short, even at a member boundary, is never read as whole."""
     manifest = read_manifest(root)
     if split not in manifest["shards"]:
         raise KeyError(f"split {split!r} not in {root}; have {sorted(manifest['shards'])}")
-    return [Path(root) / s["shard"] for s in manifest["shards"][split]]
+    infos = manifest["shards"][split]
+    for info in infos:
+        if problem := _shard_problem(Path(root), info, digest=False):
+            raise DamagedShard(f"{Path(root) / info['shard']}: {problem}; rerun the ingest stage, which "
+                               "rebuilds damaged shards")
+    return [Path(root) / s["shard"] for s in infos]
+
+
+class DamagedShard(ClipgenError):
+    """A shard that no longer matches its manifest entry."""
+
+
+def _shard_problem(root: Path, info: dict, digest: bool) -> str | None:
+    path = root / info["shard"]
+    if not path.is_file():
+        return "missing"
+    if (size := path.stat().st_size) != info["bytes"]:
+        return f"{size} bytes where the manifest says {info['bytes']} (cut short or overwritten)"
+    if digest and file_digest(path) != info["sha256"]:
+        return "its sha256 differs from the manifest's"
+    return None
+
+
+def damaged_shards(root: Path, digest: bool = False) -> list[tuple[Path, str]]:
+    """Every shard of an ingest artifact that does not match the manifest: by size (a stat each), and by
+    sha256 too with ``digest`` (reads every byte)."""
+    manifest = read_manifest(root)
+    infos = [info for split in manifest["shards"].values() for info in split]
+    found = ((Path(root) / info["shard"], _shard_problem(Path(root), info, digest)) for info in infos)
+    return [(path, problem) for path, problem in found if problem]

@@ -8,7 +8,6 @@ mapped task, and a faiss index over the train embeddings. Finished shard files a
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from clipgen.artifacts import Artifact, file_digest, write_json_atomic
+from clipgen.artifacts import Artifact, weights_identity, write_json_atomic
 from clipgen.config import PipelineConfig, to_dict
 from clipgen.data.images_array import decode_image
 from clipgen.data.shards import iter_shard, shard_paths
@@ -92,11 +91,6 @@ def probe_clip(clip, held: LabeledImages) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ embed
-@functools.lru_cache(maxsize=16)
-def _weights_digest(path: str, size: int, mtime: float) -> str:
-    return file_digest(Path(path))  # keyed on size+mtime so a file is hashed once per process
-
-
 def clip_identity(cfg: PipelineConfig) -> dict[str, Any]:
     """What determines the embeddings: architecture, weights digest and preprocessing; nothing else."""
     import open_clip
@@ -108,12 +102,9 @@ def clip_identity(cfg: PipelineConfig) -> dict[str, Any]:
     identity: dict[str, Any] = {"model": model, "arch": open_clip.get_model_config(model)}
     if model == "toy-clip":
         return identity  # its weights are the pretrain-clip artifact, whose id is an input
-    if pretrained and Path(pretrained).is_file():
-        stat = Path(pretrained).stat()
-        identity["weights"] = "sha256:" + _weights_digest(str(Path(pretrained).resolve()), stat.st_size, stat.st_mtime)
-    else:
-        identity["weights"] = pretrained  # an open_clip tag (fixed weights) or None (seeded random init)
-        identity["tag"] = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else None
+    identity["weights"] = weights_identity(pretrained)  # a file or folder's digest, a tag, or None (seeded init)
+    if pretrained and not Path(pretrained).exists():
+        identity["tag"] = open_clip.get_pretrained_cfg(model, pretrained)
     return identity
 
 

@@ -18,13 +18,14 @@ judge is the independent scorer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from clipgen.artifacts import Artifact
+from clipgen.artifacts import Artifact, content_digest, weights_identity
 from clipgen.config import ConfigError, PipelineConfig, to_dict
 from clipgen.report import HEADLINE_LABELS
 from clipgen.stages.embed import read_labeled_split
@@ -42,7 +43,8 @@ class ImageSet(NamedTuple):
 def evaluate_config(cfg: PipelineConfig) -> dict[str, Any]:
     # the evaluation draws its own prompts, eval.images_per_prompt of each
     sample = {k: v for k, v in to_dict(cfg.sample).items() if k not in ("prompts", "n_per_prompt")}
-    return {"eval": to_dict(cfg.eval), "sample": sample}
+    weights = {k: weights_identity(getattr(cfg.eval, k)) for k in ("inception_weights", "scoring_clip_pretrained")}
+    return {"eval": {**to_dict(cfg.eval), **weights}, "sample": sample}
 
 
 def text_group(text: str, world: bool) -> Any:
@@ -169,6 +171,13 @@ def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
             "images": len(s.texts)}
 
 
+def reference_cache_name(reference: np.ndarray) -> str:
+    """The FID reference cache's name, keyed by the reference pixels themselves: another
+    eval.max_reference_images, image size or held-out split is another name."""
+    digest = hashlib.sha256(np.ascontiguousarray(reference)).hexdigest()[:16]
+    return f"heldout{len(reference)}-{digest}"
+
+
 def fidelity_rows(cfg: PipelineConfig, gen, sets: list[ImageSet], train_real: np.ndarray, reference: np.ndarray,
                   ids: dict[str, str]) -> tuple[dict[str, dict], dict[str, dict] | None]:
     """FD/KID/PR of every set against the held-out ``reference`` (the real-images row measures train images: the
@@ -183,7 +192,7 @@ def fidelity_rows(cfg: PipelineConfig, gen, sets: list[ImageSet], train_real: np
 
     cuda = gen.clip.device.type == "cuda"
     root = cfg.run_path / "cache" / "fidelity"
-    reference_name = f"heldout{len(reference)}-{ids['shards']}"  # the first len(reference) held-out images
+    reference_name = reference_cache_name(reference)
     spaces = {"": (register_clip_extractor(gen.clip, f"clipgen-clip-{ids['embeddings']}"), ids["embeddings"])}
     if gen.judge is not None:
         spaces["_judge"] = (register_judge_extractor(gen.judge, f"clipgen-judge-{ids['judge']}"), ids["judge"])
@@ -195,8 +204,9 @@ def fidelity_rows(cfg: PipelineConfig, gen, sets: list[ImageSet], train_real: np
             fidelity[s.name].update({f"{k}{suffix}": v for k, v in found.items()})
     inception = None
     if cfg.eval.inception_weights:
+        weights = content_digest(cfg.eval.inception_weights).removeprefix("sha256:")[:16]
         inception = {name: inception_metrics(images, reference, cfg.eval.inception_weights, cuda=cuda,
-                                             cache_root=root, reference_cache_name=reference_name)
+                                             cache_root=root, reference_cache_name=f"{reference_name}-{weights}")
                      for name, images in (("samples", sets[0].images), ("real images", train_real))}
     return fidelity, inception
 
@@ -242,6 +252,9 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
                          [text_group(p, world) for p in results[1].prompts])
         judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in [*sets, named]}
 
+    named_sets = {s.name: s for s in sets}  # reconstructions pair with the real images, one for one
+    recon_agreement = gen.judge.agreement(named_sets["real images"].images,
+                                          named_sets["VQGAN reconstructions"].images) if gen.judge else None
     neighbours = {name: search(gen.index, emb.numpy(), 1) for name, emb in run_emb.items()}  # nearest train image
     memorisation = {name: similarity_summary(nb.scores[:, 0], e.memorisation_threshold) for name, nb in neighbours.items()}
     rows = {s.name: {**fidelity[s.name], **alignment[s.name],
@@ -256,17 +269,19 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
         "scoring_clip": scorer_name, "scoring_clip_independent": independent,
         "rows": rows, "inception": inception, "judge": judge, "memorisation": memorisation,
         "per_prompt": {k: v for r in results for k, v in judged_per_prompt(r).items()} if judge else None,
-        "tokenizer": tokenizer_summary(inputs["vqgan"], fidelity["VQGAN reconstructions"]),
+        "tokenizer": tokenizer_summary(inputs["vqgan"], fidelity["VQGAN reconstructions"],
+                                       recon_agreement),
     }
     metrics["headline"] = headline(metrics)
     write_report(out, cfg, metrics, results, neighbours, held, shards, inputs)
     return {"headline": metrics["headline"], "report": str(out / "index.html")}
 
 
-def tokenizer_summary(vqgan: Artifact, reconstructions: dict[str, float]) -> dict[str, Any]:
+def tokenizer_summary(vqgan: Artifact, reconstructions: dict[str, float],
+                      judge_agreement: dict[str, float] | None) -> dict[str, Any]:
     held = vqgan.summary().get("heldout", {})
     return {"psnr": held.get("psnr"), "code_usage": held.get("code_usage"), "perplexity": held.get("perplexity"),
-            "judge_agreement": vqgan.summary().get("judge_agreement"), "reconstruction_fd": reconstructions["fd"],
+            "judge_agreement": judge_agreement, "reconstruction_fd": reconstructions["fd"],
             "reconstruction_fd_judge": reconstructions.get("fd_judge")}
 
 

@@ -32,16 +32,15 @@ def generate_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"sample": to_dict(cfg.sample)}
 
 
-def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = None, device: str | None = None):
-    """The run's CLIP, VQGAN, transformer, faiss index and (shapes world) judge; each must be built."""
+def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact], device: str | None = None):
+    """The run's CLIP, VQGAN, transformer, faiss index and (shapes world) judge from ``artifacts`` (a step's
+    inputs, or :func:`clipgen.pipeline.plan`); each must be built."""
     from clipgen.embed import cache_files, read_embeddings
     from clipgen.generate import Generator
     from clipgen.index import load_index
     from clipgen.models.gpt import load_gpt
     from clipgen.models.vqgan import load_vqgan
-    from clipgen.pipeline import plan
 
-    artifacts = artifacts or plan(cfg)
     for name in ("embeddings", "vqgan", "gpt"):
         if not artifacts[name].is_complete():
             raise FileNotFoundError(f"the run in {cfg.run_path} has no finished {name!r} step "
@@ -55,7 +54,7 @@ def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact] | None = 
         raise ValueError(f"{embeddings}: the index holds {index.index.ntotal} vectors, the cache {len(vectors)}")
     return Generator(clip=clip, vqgan=load_vqgan(artifacts["vqgan"].path, device), gpt=load_gpt(artifacts["gpt"].path, device),
                      noise_level=cfg.gpt.noise_level if cfg.gpt.bridge == "noise" else 0.0, index=index,
-                     index_vectors=vectors, judge=load_judge_if_any(cfg))
+                     index_vectors=vectors, judge=load_judge_if_any(artifacts))
 
 
 def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: list[str]) -> dict[str, Any]:
@@ -78,7 +77,7 @@ def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: l
             "images": len(result.prompts), "result": result}
 
 
-def heldout_labels(cfg: PipelineConfig) -> dict[str, tuple[str, str]]:
+def heldout_labels(shards: Path) -> dict[str, tuple[str, str]]:
     """key -> (shape, colour) of the held-out world images, from the shards' attribute metadata.
 
     Only this measurement reads them (never captions); training saw the caches alone.
@@ -86,10 +85,9 @@ def heldout_labels(cfg: PipelineConfig) -> dict[str, tuple[str, str]]:
     import json
 
     from clipgen.data.shards import iter_shard, shard_paths
-    from clipgen.pipeline import plan
 
     labels = {}
-    for shard in shard_paths(plan(cfg)["shards"].path, "heldout"):
+    for shard in shard_paths(shards, "heldout"):
         for key, parts in iter_shard(shard, exts=("json",)):
             meta = json.loads(parts["json"]) if "json" in parts else {}
             if "shape" in meta and "colour" in meta:
@@ -132,5 +130,5 @@ def build_generate(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, 
     scores = prompt_accuracy(gen, cfg.sample.prompts, cfg.sample, cfg.data.world.held_out_combos)
     write_outputs(scores.pop("result"), out)
     heldout = read_embeddings(cache_files(inputs["embeddings"].path, "heldout"))
-    scores["image_conditioned"] = image_conditioned_accuracy(gen, heldout, heldout_labels(cfg), cfg)
+    scores["image_conditioned"] = image_conditioned_accuracy(gen, heldout, heldout_labels(inputs["shards"].path), cfg)
     return scores

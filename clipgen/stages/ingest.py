@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clipgen.artifacts import Artifact
+from clipgen.artifacts import Artifact, content_digest, listing_digest
 from clipgen.config import PipelineConfig, to_dict
 
 
@@ -14,6 +14,9 @@ def shards_config(cfg: PipelineConfig) -> dict[str, Any]:
     data.pop("judge")
     if cfg.data.source != "world":
         data.pop("world")
+        path = Path(cfg.data.path or "")
+        if cfg.data.path and path.exists():  # what the source holds now, not only where it is
+            data["content"] = listing_digest(path) if cfg.data.source == "folder" else content_digest(path)
     return data
 
 
@@ -44,12 +47,9 @@ def build_judge(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map
     return train_judge(cfg.data, out)
 
 
-def load_judge_if_any(cfg: PipelineConfig):
-    """The shapes world's judge, when this run has one built; else None."""
+def load_judge_if_any(artifacts: dict[str, Artifact]):
+    """The shapes world's judge, when the step's declared inputs include one that is built; else None."""
     from clipgen.judge import load_judge
-    from clipgen.pipeline import plan
 
-    if cfg.data.source != "world":
-        return None
-    judge = plan(cfg)["judge"]  # a reading for the report, not an input: its id stays out of ours
-    return load_judge(judge.path) if judge.is_complete() else None
+    judge = artifacts.get("judge")
+    return load_judge(judge.path) if judge is not None and judge.is_complete() else None

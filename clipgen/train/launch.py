@@ -4,9 +4,9 @@ runs under ``torchrun``, launched from the step's own task.
 The parent writes the resolved config beside the step's output and runs::
 
     torchrun --nnodes N --nproc-per-node D [--standalone | --rdzv-backend c10d --rdzv-endpoint HOST:PORT]
-             -m clipgen.train.launch CONFIG STEP OUT
+             -m clipgen.train.launch_rank CONFIG STEP OUT
 
-Every rank builds the step (``fit()`` joins the process group from torchrun's environment and splits
+Every rank (:mod:`clipgen.train.launch_rank`) builds the step (``fit()`` joins the process group from torchrun's environment and splits
 each global batch); rank 0 writes the weights and the summary, which the parent returns as the step's
 result. On several nodes the same command runs once per node (see the README: a work pool whose jobs
 start one process per node, e.g. Slurm or Kubernetes), all pointing at one rendezvous endpoint.
@@ -39,7 +39,7 @@ def torchrun_command(cfg: PipelineConfig, config_file: Path, step: str, out: Pat
     rendezvous = (["--rdzv-backend", "c10d", "--rdzv-endpoint", t.rdzv_endpoint, "--rdzv-id", f"clipgen-{out.name}"]
                   if t.nodes > 1 else ["--standalone"])
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(t.nodes), "--nproc-per-node",
-            str(t.devices), *rendezvous, "-m", "clipgen.train.launch", str(config_file), step, str(out)]
+            str(t.devices), *rendezvous, "-m", "clipgen.train.launch_rank", str(config_file), step, str(out)]
 
 
 def launch_step(cfg: PipelineConfig, step: str, out: Path) -> dict[str, Any]:
@@ -60,22 +60,3 @@ def launch_step(cfg: PipelineConfig, step: str, out: Path) -> dict[str, Any]:
         raise RuntimeError(f"torchrun for step {step!r} exited with {done.returncode}: {' '.join(command)}")
     summary = json.loads((out / SUMMARY_FILE).read_text())
     return {**summary, "world_size": cfg.train.devices * cfg.train.nodes}
-
-
-def main(argv: list[str]) -> None:
-    """One rank: build the step into the given folder; rank 0 records the summary."""
-    from clipgen.artifacts import write_json_atomic
-    from clipgen.config import load_config
-    from clipgen.pipeline import STEPS_BY_NAME, plan, serial_map
-
-    config_file, step_name, out = argv
-    cfg = load_config(config_file, [])
-    step = STEPS_BY_NAME[step_name]
-    artifacts = plan(cfg)
-    summary = step.build(cfg, {n: artifacts[n] for n in step.inputs if n in artifacts}, Path(out), serial_map)
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_json_atomic(Path(out) / SUMMARY_FILE, summary)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
