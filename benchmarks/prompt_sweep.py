@@ -28,7 +28,7 @@ import torch
 from run_info import Report
 
 from clipgen.cli import load_run_config
-from clipgen.stages.embed import default_device
+from clipgen.stages.clip_stage import default_device
 from clipgen.sweep import ACCURACY_FLOOR, choose_setting, distance, score_setting, sweep_context
 
 

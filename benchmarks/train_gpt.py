@@ -1,6 +1,6 @@
 """Benchmark: transformer training throughput (tokens/s, MFU) and the share of step time spent on data.
 
-Runs the real training loop (:func:`clipgen.train.gpt.fit`) on in-memory pairs shaped like the caches
+Runs the real training loop (:func:`clipgen.train.gpt_trainer.fit`) on in-memory pairs shaped like the caches
 (unit-norm embeddings, random token grids) for each gpt preset (shapes from :mod:`gpt_shapes`), at each
 batch size (``--batch-sizes``, the global batch of one optimiser step) and micro-batch (``--micro-batch``:
 0 = the whole batch at once, else gradient accumulation over micro-batches of that size), with and without
@@ -42,7 +42,7 @@ from clipgen.data.images_array import ArrayBatches
 from clipgen.models.gpt import GPT
 from clipgen.presets import PRESETS
 from clipgen.train import loop
-from clipgen.train.gpt import Pairs, _step, fit, make_optimizer, token_cross_entropy
+from clipgen.train.gpt_trainer import Pairs, _step, fit, make_optimizer, token_cross_entropy
 from clipgen.train.overlap import PinnedRows
 
 CPU_BATCH = {"tiny": 64, "mid": 8, "base": 4, "paper": 2}

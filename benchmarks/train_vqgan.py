@@ -22,7 +22,7 @@ import torch
 from clipgen.config import TrainConfig, VQGANConfig, WorldConfig
 from clipgen.data.world import world_arrays
 from clipgen.presets import PRESETS
-from clipgen.train.vqgan import fit
+from clipgen.train.vqgan_trainer import fit
 
 
 def main() -> None:

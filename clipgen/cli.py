@@ -159,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from clipgen.generate import check_prompts, generate, judged_per_prompt, write_outputs
     from clipgen.pipeline import plan
-    from clipgen.stages.generate import load_generator
+    from clipgen.stages.generate_stage import load_generator
     from clipgen.validate import validate_sample
 
     prompts = check_prompts(args.prompts)  # a bad prompt fails before any model loads

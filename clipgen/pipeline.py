@@ -20,7 +20,15 @@ import yaml
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
 from clipgen.data.shards import damaged_shards
-from clipgen.stages import damaged_parquet, embed, evaluate, generate, gpt, ingest, tokenizer
+from clipgen.stages import (
+    clip_stage,
+    damaged_parquet,
+    evaluate_stage,
+    generate_stage,
+    gpt_stage,
+    ingest_stage,
+    vqgan_stage,
+)
 from clipgen.train.launch import launch_step, wants_torchrun
 
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
@@ -51,27 +59,28 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("shards", "ingest", "shards", (), "3", ingest.shards_config, ingest.build_shards, damaged=damaged_shards),
-    Step("judge", "ingest", "judge", (), "2", ingest.judge_config, ingest.build_judge,
+    Step("shards", "ingest", "shards", (), "3", ingest_stage.shards_config, ingest_stage.build_shards,
+         damaged=damaged_shards),
+    Step("judge", "ingest", "judge", (), "2", ingest_stage.judge_config, ingest_stage.build_judge,
          applies=lambda cfg: cfg.data.source == "world"),
-    Step("toyclip", "pretrain-clip", "ckpt/clip", ("shards",), "1", embed.toyclip_config, embed.build_toyclip,
-         applies=lambda cfg: cfg.clip.model == "toy-clip"),
-    Step("embeddings", "embed", "cache/clip", ("shards", "toyclip"), "1", embed.embed_config,
-         embed.build_embeddings, damaged=damaged_parquet),
-    Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "2", tokenizer.vqgan_config, tokenizer.build_vqgan,
-         distributed=True),
-    Step("tokens", "tokenize", "cache/tokens", ("shards", "vqgan"), "1", tokenizer.tokens_config,
-         tokenizer.build_tokens, damaged=damaged_parquet),
+    Step("toyclip", "pretrain-clip", "ckpt/clip", ("shards",), "1", clip_stage.toyclip_config,
+         clip_stage.build_toyclip, applies=lambda cfg: cfg.clip.model == "toy-clip"),
+    Step("embeddings", "embed", "cache/clip", ("shards", "toyclip"), "1", clip_stage.embed_config,
+         clip_stage.build_embeddings, damaged=damaged_parquet),
+    Step("vqgan", "train-vqgan", "ckpt/vqgan", ("shards",), "2", vqgan_stage.vqgan_config,
+         vqgan_stage.build_vqgan, distributed=True),
+    Step("tokens", "tokenize", "cache/tokens", ("shards", "vqgan"), "1", vqgan_stage.tokens_config,
+         vqgan_stage.build_tokens, damaged=damaged_parquet),
     # the VQGAN and CLIP are inputs for loading only (the consistency loss, the sample check): the caches'
     # ids already cover them
-    Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "2", gpt.gpt_config,
-         gpt.build_gpt, distributed=True),
+    Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "2",
+         gpt_stage.gpt_config, gpt_stage.build_gpt, distributed=True),
     # the shards' held-out labels and the judge score the image-conditioned draws (shapes world)
     Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "2",
-         generate.generate_config, generate.build_generate),
+         generate_stage.generate_config, generate_stage.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
     Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "5",
-         evaluate.evaluate_config, evaluate.build_report),
+         evaluate_stage.evaluate_config, evaluate_stage.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}
 

@@ -20,8 +20,8 @@ import numpy as np
 from clipgen.config import PipelineConfig, SampleConfig
 from clipgen.generate import generate
 from clipgen.pipeline import plan
-from clipgen.stages.embed import read_labeled_split
-from clipgen.stages.evaluate import (
+from clipgen.stages.clip_stage import read_labeled_split
+from clipgen.stages.evaluate_stage import (
     ImageSet,
     attribute_prompts,
     eval_prompts,
@@ -29,7 +29,7 @@ from clipgen.stages.evaluate import (
     judged,
     text_group,
 )
-from clipgen.stages.generate import load_generator
+from clipgen.stages.generate_stage import load_generator
 
 # The accuracy a setting must hold to be chosen (issue 27's bars for the shipped defaults).
 ACCURACY_FLOOR = {"seen": 0.95, "held_out": 0.85, "size": 0.80, "background": 0.80}

@@ -1,4 +1,4 @@
-"""The ``evaluate`` stage flow (see clipgen.stages.evaluate): builds the report, points
+"""The ``evaluate`` stage flow (see clipgen.stages.evaluate_stage): builds the report, points
 ``report/latest`` at it and publishes its key numbers as Prefect artifacts (a table and a markdown link)."""
 
 from __future__ import annotations

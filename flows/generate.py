@@ -1,4 +1,4 @@
-"""The ``generate`` stage flow (see clipgen.stages.generate)."""
+"""The ``generate`` stage flow (see clipgen.stages.generate_stage)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``tokenize`` stage flow (see clipgen.stages.tokenizer)."""
+"""The ``tokenize`` stage flow (see clipgen.stages.vqgan_stage)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``train-gpt`` stage flow (see clipgen.stages.gpt)."""
+"""The ``train-gpt`` stage flow (see clipgen.stages.gpt_stage)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``train-vqgan`` stage flow (see clipgen.stages.tokenizer)."""
+"""The ``train-vqgan`` stage flow (see clipgen.stages.vqgan_stage)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from clipgen.config import GPTConfig, TrainConfig
-from clipgen.train.gpt import Pairs, fit
+from clipgen.train.gpt_trainer import Pairs, fit
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from clipgen.config import TrainConfig, VQGANConfig
-from clipgen.train.vqgan import fit
+from clipgen.train.vqgan_trainer import fit
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from conftest import noise_image
 
 from clipgen.config import load_config
 from clipgen.pipeline import plan
-from clipgen.stages.evaluate import reference_cache_name
+from clipgen.stages.evaluate_stage import reference_cache_name
 
 
 def ids(*overrides: str) -> dict[str, str]:

@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 from clipgen import clip as clip_module
 from clipgen.clip import ClipLoadError, load_clip, save_clip
 from clipgen.config import ToyClipConfig
-from clipgen.train import clip as train_clip
-from clipgen.train.clip import (
+from clipgen.train import clip_trainer as train_clip
+from clipgen.train.clip_trainer import (
     CaptionedImages,
     modality_gap,
     multi_positive_clip_loss,

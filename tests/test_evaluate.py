@@ -158,7 +158,7 @@ def test_report_with_missing_inception_weights_fails_before_any_work(tiny_run, t
 
 def test_uncaptioned_real_images_get_no_text_scores_and_prompts_become_the_distractors():
     from clipgen.clip import load_clip
-    from clipgen.stages.evaluate import ImageSet, distractor_pool, text_alignment
+    from clipgen.stages.evaluate_stage import ImageSet, distractor_pool, text_alignment
 
     prompts = ["a photo of a dog", "a photo of a cat", "a red car"]
     pool = distractor_pool([{"source": "a.jpg"}, {"source": "b.jpg"}], prompts)
@@ -175,8 +175,8 @@ def test_uncaptioned_real_images_get_no_text_scores_and_prompts_become_the_distr
 
 def test_anchor_sets_shrink_to_a_held_out_split_smaller_than_the_samples(tiny_run):
     from clipgen.pipeline import plan
-    from clipgen.stages.evaluate import anchor_sets, eval_prompts, read_labeled_split
-    from clipgen.stages.generate import load_generator
+    from clipgen.stages.evaluate_stage import anchor_sets, eval_prompts, read_labeled_split
+    from clipgen.stages.generate_stage import load_generator
 
     held = read_labeled_split(plan(tiny_run)["shards"].path, "heldout", tiny_run.data.image_size, limit=100)
     prompts = eval_prompts(tiny_run, held.meta)

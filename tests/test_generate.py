@@ -12,7 +12,7 @@ from clipgen.cli import main
 from clipgen.config import load_config
 from clipgen.generate import PromptError, bridge_text, check_prompts, clip_scores, draw, generate
 from clipgen.pipeline import plan, run_step, save_run_config
-from clipgen.stages.generate import load_generator
+from clipgen.stages.generate_stage import load_generator
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from clipgen.config import GPTConfig, TrainConfig, VQGANConfig
 from clipgen.models.gpt import load_gpt
 from clipgen.train import loop
-from clipgen.train.gpt import Consistency, Pairs, consistency_loss, fit, join_by_key
+from clipgen.train.gpt_trainer import Consistency, Pairs, consistency_loss, fit, join_by_key
 from clipgen.train.overlap import WindowMeans
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_window_means_average_the_steps_and_time_only_the_steps():
 
 def test_compiled_blocks_are_eager_again_after_training():
     from clipgen.models.gpt import GPT, GPTShape
-    from clipgen.train.gpt import compiled_blocks
+    from clipgen.train.gpt_trainer import compiled_blocks
 
     model = GPT(GPTShape(vocab_size=20, n_tokens=6, cond_dim=8, n_layer=2, n_head=2, n_embd=16, n_prefix=2))
     with compiled_blocks(model, enabled=True):  # compiles lazily: nothing is compiled unless called

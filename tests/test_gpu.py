@@ -144,7 +144,7 @@ def test_a_training_step_never_waits_for_the_device():
     from clipgen.config import GPTConfig, TrainConfig
     from clipgen.data.images_array import ArrayBatches
     from clipgen.train import loop
-    from clipgen.train.gpt import _step, make_optimizer, token_cross_entropy
+    from clipgen.train.gpt_trainer import _step, make_optimizer, token_cross_entropy
     from clipgen.train.overlap import PinnedRows, WindowMeans
 
     model, _ = small_gpt()

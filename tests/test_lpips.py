@@ -70,7 +70,7 @@ def test_vqgan_fit_trains_with_the_perceptual_term(reference, tmp_path):
     import numpy as np
 
     from clipgen.config import TrainConfig, VQGANConfig
-    from clipgen.train.vqgan import fit
+    from clipgen.train.vqgan_trainer import fit
 
     torch.save(reference.state_dict(), tmp_path / "lpips.pth")
     cfg = VQGANConfig(base_channels=8, channel_mult=[1, 2], n_res_blocks=1, quantizer="fsq", fsq_levels=[5, 4, 2],

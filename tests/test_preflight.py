@@ -127,7 +127,7 @@ def saved_run(tmp_path, monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("the sampling options were not checked before the models load")
 
-    monkeypatch.setattr("clipgen.stages.generate.load_generator", tripwire)
+    monkeypatch.setattr("clipgen.stages.generate_stage.load_generator", tripwire)
     return cfg.run_path
 
 

@@ -18,7 +18,7 @@ from clipgen.data.images_array import ArrayImages, ShardStream, load_split_image
 from clipgen.data.shards import Sample, write_manifest, write_shards
 from clipgen.models.vqgan import VQGAN, load_vqgan
 from clipgen.tokenize import read_tokens, tokenize_shard, tokenize_shards
-from clipgen.train.vqgan import fit
+from clipgen.train.vqgan_trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -29,6 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from clipgen.artifacts import atomic_path, write_json_atomic, write_text_atomic
 from clipgen.cores import free_cpu_threads, torch_threads
+
+log = logging.getLogger("clipgen")
 
 TRAIN_STATE = "train_state.pt"
 LATEST = "latest"
@@ -187,6 +190,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     path = Path(root) / pointer.read_text().strip()
     if not (path / TRAIN_STATE).is_file():
         raise FileNotFoundError(f"{pointer} names {path}, which is incomplete; delete {root} to start over")
+    log.info("resuming from checkpoint %s", path)
     return path
 
 

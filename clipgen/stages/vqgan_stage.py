@@ -21,7 +21,7 @@ def vqgan_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def build_vqgan(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.data.images_array import load_split_images, open_images
-    from clipgen.train.vqgan import fit
+    from clipgen.train.vqgan_trainer import fit
 
     shards, size = inputs["shards"].path, cfg.data.image_size
     held = load_split_images(shards, "heldout", size)

@@ -28,7 +28,7 @@ import torch
 from clipgen.artifacts import Artifact, content_digest, weights_identity
 from clipgen.config import ConfigError, PipelineConfig, to_dict
 from clipgen.report import HEADLINE_LABELS
-from clipgen.stages.embed import read_labeled_split
+from clipgen.stages.clip_stage import read_labeled_split
 
 MAX_CAPTION_PROMPTS = 64  # evaluation prompts taken from held-out captions when none are configured
 
@@ -216,7 +216,7 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
     from clipgen.index import search
     from clipgen.metrics import check_inception_weights, similarity_summary
     from clipgen.report import write_report
-    from clipgen.stages.generate import load_generator
+    from clipgen.stages.generate_stage import load_generator
 
     e, world = cfg.eval, cfg.data.source == "world"
     if e.inception_weights:

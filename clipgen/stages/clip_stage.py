@@ -62,7 +62,7 @@ def toyclip_config(cfg: PipelineConfig) -> dict[str, Any]:
 def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.clip import load_clip
     from clipgen.cores import free_cpu_threads, torch_threads
-    from clipgen.train.clip import CaptionedImages, pretrain_toy_clip
+    from clipgen.train.clip_trainer import CaptionedImages, pretrain_toy_clip
 
     shards = inputs["shards"].path
     train = read_labeled_split(shards, "captioned", cfg.data.image_size)
@@ -80,7 +80,7 @@ def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, m
 def probe_clip(clip, held: LabeledImages) -> dict[str, Any]:
     """Zero-shot accuracy per attribute (nearest class prompt) and the image/text modality gap."""
     from clipgen.data.world import COLOUR_NAMES, SHAPES
-    from clipgen.train.clip import modality_gap, zero_shot_accuracy
+    from clipgen.train.clip_trainer import modality_gap, zero_shot_accuracy
 
     labels = {"colour": [m["colour"] for m in held.meta], "shape": [m["shape"] for m in held.meta]}
     accuracy = zero_shot_accuracy(clip, held.images, labels, {"colour": list(COLOUR_NAMES), "shape": list(SHAPES)},

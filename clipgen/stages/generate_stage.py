@@ -19,8 +19,8 @@ import torch
 
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, SampleConfig, to_dict
-from clipgen.stages.embed import default_device, run_clip
-from clipgen.stages.ingest import load_judge_if_any
+from clipgen.stages.clip_stage import default_device, run_clip
+from clipgen.stages.ingest_stage import load_judge_if_any
 
 if TYPE_CHECKING:
     from clipgen.embed import Embeddings

@@ -1,0 +1,106 @@
+"""A real ``clipgen run`` SIGKILLed in the middle of each long stage (ingest, embed, train-vqgan, train-gpt),
+then rerun, ends with what an uninterrupted run makes: the same bytes where a stage is deterministic (shards,
+embeddings, tokens) and, for training, a run that resumed from its last checkpoint and reached the same final
+step. With ``train.ckpt_every`` steps between checkpoints, a kill loses at most that many steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, TINY_RUN, clipgen
+
+from clipgen.config import load_config
+from clipgen.pipeline import plan
+
+STAGES = "ingest,pretrain-clip,embed,train-vqgan,tokenize,train-gpt"
+CKPT_EVERY = 10
+# large enough that each long stage is still running when its first pieces appear
+LONGER = [o for o in TINY_RUN if not o.startswith(("data.world.n_train", "vqgan.steps", "gpt.steps"))] + [
+    "data.world.n_train=3000", "vqgan.steps=60", "gpt.steps=80", f"train.ckpt_every={CKPT_EVERY}",
+    "train.log_every=5"]
+
+
+def command(run_dir: Path) -> list[str]:
+    sets = [a for o in [*LONGER, f"run_dir={run_dir}"] for a in ("--set", o)]
+    return [sys.executable, "-m", "clipgen.cli", "run", "pipelines/shapes.yaml", "--stages", STAGES, *sets]
+
+
+def kill_when(run_dir: Path, log: Path, started, tmp_path: Path) -> None:
+    """Start the chain and SIGKILL its whole process group once ``started(artifacts)`` is true."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+    artifacts = plan(load_config("pipelines/shapes.yaml", [*LONGER, f"run_dir={run_dir}"]))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command(run_dir), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not started(artifacts):
+        assert proc.poll() is None, f"the run ended before the kill point:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def in_progress(step: str, pattern: str):
+    def started(artifacts) -> bool:
+        art = artifacts[step]
+        return not art.is_complete() and any(art.path.glob(pattern))
+    return started
+
+
+def files(root: Path, pattern: str) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.glob(pattern))}
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_each_long_stage_finishes_as_an_uninterrupted_one(tmp_path):
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", STAGES,
+            *[a for o in [*LONGER, f"run_dir={whole_dir}"] for a in ("--set", o)], timeout=900)
+    kill_points = [("ingest", in_progress("shards", "*/*.tar")),
+                   ("embed", in_progress("embeddings", "*/*.parquet")),
+                   ("train-vqgan", in_progress("vqgan", "checkpoints/step_*")),
+                   ("train-gpt", in_progress("gpt", "checkpoints/step_*"))]
+    logs = []
+    for stage, started in kill_points:
+        logs.append(tmp_path / f"killed-in-{stage}.log")
+        kill_when(killed_dir, logs[-1], started, tmp_path)
+    out = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", STAGES,
+                  *[a for o in [*LONGER, f"run_dir={killed_dir}"] for a in ("--set", o)], timeout=900, logs=True)
+    # each rerun resumed the stage killed before it: training from a checkpoint
+    resumed = [logs[2].read_text(), logs[3].read_text(), out]  # runs 3 and 4 and the last one
+    assert "resuming from checkpoint" in resumed[1] and "ckpt/vqgan" in resumed[1].split("resuming from")[1][:300]
+    assert "resuming from checkpoint" in resumed[2] and "ckpt/gpt" in resumed[2].split("resuming from")[1][:300]
+
+    whole = plan(load_config("pipelines/shapes.yaml", [*LONGER, f"run_dir={whole_dir}"]))
+    killed = plan(load_config("pipelines/shapes.yaml", [*LONGER, f"run_dir={killed_dir}"]))
+    assert {k: a.id for k, a in whole.items()} == {k: a.id for k, a in killed.items()}
+    assert all(killed[name].is_complete() for name in ("shards", "embeddings", "vqgan", "tokens", "gpt"))
+    # deterministic stages: byte for byte (shards and manifest), row for row (Parquet caches)
+    for pattern in ("*/*.tar", "manifest.json"):
+        assert files(killed["shards"].path, pattern) == files(whole["shards"].path, pattern)
+    for name in ("embeddings", "tokens"):
+        got = sorted(killed[name].path.glob("*/*.parquet"))
+        want = sorted(whole[name].path.glob("*/*.parquet"))
+        assert [p.relative_to(killed[name].path) for p in got] == [p.relative_to(whole[name].path) for p in want]
+        assert all(pq.read_table(a).equals(pq.read_table(b)) for a, b in zip(got, want, strict=True))
+    # training: the same final step, and each record logged as often as in the uninterrupted run (the steps
+    # after the last checkpoint, at most ckpt_every, were redone, and their first records dropped)
+    for name, steps in (("vqgan", 60), ("gpt", 80)):
+        got, want = (step_records(run[name].path) for run in (killed, whole))
+        assert got == want and max(got) == steps
+
+
+def step_records(path: Path) -> Counter:
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    return Counter(json.loads(line)["step"] for line in lines if '"step"' in line)
