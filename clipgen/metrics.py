@@ -13,6 +13,8 @@ nearest-neighbour memorisation.
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +22,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+log = logging.getLogger("clipgen")
 
 KID_SUBSETS = 100
 MAX_KID_SUBSET = 1000  # torch-fidelity's default subset size, shrunk for small sets
@@ -105,6 +109,8 @@ def fidelity_metrics(generated: np.ndarray, reference: np.ndarray, extractor: st
     if min(len(generated), len(reference)) < MIN_IMAGES_PER_SET:
         raise ValueError(f"FD/KID/PR need at least {MIN_IMAGES_PER_SET} images per set; got {len(generated)} and {len(reference)}")
     cached = reference_cache_name is not None
+    if cached:
+        screen_fidelity_cache(Path(cache_root), reference_cache_name)
     raw = torch_fidelity.calculate_metrics(
         input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, kid=True, prc=True,
         feature_extractor=extractor, cuda=cuda, verbose=False, batch_size=256, save_cpu_ram=True,
@@ -113,6 +119,26 @@ def fidelity_metrics(generated: np.ndarray, reference: np.ndarray, extractor: st
         **kwargs)
     return {"fd": raw["frechet_inception_distance"], "kid": raw["kernel_inception_distance_mean"],
             "kid_std": raw["kernel_inception_distance_std"], "precision": raw["precision"], "recall": raw["recall"]}
+
+
+# what torch-fidelity's caches hold besides tensors: numpy arrays (the FID statistics)
+_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType,
+                  getattr(np, "_core", np.core).multiarray._reconstruct]
+
+
+def screen_fidelity_cache(cache_root: Path, name: str) -> None:
+    """torch-fidelity reloads its cache files with ``weights_only=False``, which runs any pickled code in them.
+    So each file it may load for ``name`` is first loaded here with ``weights_only=True`` (tensors, float
+    arrays, plain containers and nothing else); a file that fails is deleted, with a warning, and
+    torch-fidelity recomputes it."""
+    for path in sorted(Path(cache_root).glob(f"{name}-*.pt")):
+        try:
+            with torch.serialization.safe_globals(_ARRAY_GLOBALS):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any failure means the file is not plain data
+            log.warning("%s is not plain tensor or array data (%s); deleting it, it will be recomputed",
+                        path, str(error).splitlines()[0])
+            path.unlink(missing_ok=True)
 
 
 def check_inception_weights(path: str | Path) -> Path:
@@ -138,14 +164,21 @@ def inception_metrics(generated: np.ndarray, reference: np.ndarray, weights: str
     """Standard FID and Inception Score from local Inception-v3 weights (torch-fidelity's 2015 port)."""
     import torch_fidelity
 
-    path = check_inception_weights(weights)
+    state = torch.load(check_inception_weights(weights), map_location="cpu", weights_only=True)
     cached = reference_cache_name is not None
-    raw = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, isc=True,
-        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(path), cuda=cuda,
-        verbose=False, batch_size=64, save_cpu_ram=True, isc_splits=min(10, len(generated)),
-        cache=cached, cache_root=str(cache_root) if cached else None,
-        input2_cache_name=f"{reference_cache_name}-inception" if cached else None)
+    if cached:
+        screen_fidelity_cache(Path(cache_root), f"{reference_cache_name}-inception")
+    # torch-fidelity unpickles its weights file (weights_only=False): hand it the tensors just checked, saved
+    # by us into a private folder, never the user's file itself, which could change between check and use
+    with tempfile.TemporaryDirectory(prefix="clipgen-inception-") as private:
+        checked = Path(private) / "inception.pth"
+        torch.save(state, checked)
+        raw = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, isc=True,
+            feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(checked), cuda=cuda,
+            verbose=False, batch_size=64, save_cpu_ram=True, isc_splits=min(10, len(generated)),
+            cache=cached, cache_root=str(cache_root) if cached else None,
+            input2_cache_name=f"{reference_cache_name}-inception" if cached else None)
     return {"fid": raw["frechet_inception_distance"], "is": raw["inception_score_mean"],
             "is_std": raw["inception_score_std"]}
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +56,32 @@ def test_fd_of_two_draws_is_below_a_shifted_set_and_the_reference_is_cached(extr
     assert again["fd"] == pytest.approx(fresh["fd"], rel=1e-6)
     inverted = fidelity_metrics(255 - a, b, extractor, **cache)["fd"]
     assert fresh["fd"] < inverted
+
+
+class Trap:
+    """Pickled into a cache file, it would write ``hit`` when unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path(self.path).write_text, ("unpickled",))
+
+
+def test_a_fidelity_cache_file_holding_pickled_code_is_deleted_unrun(extractor, tmp_path, caplog):
+    a, b = world_images(16, seed=1), world_images(16, seed=2)
+    cache = {"cache_root": tmp_path, "reference_cache_name": "ref"}
+    fresh = fidelity_metrics(a, b, extractor, **cache)
+    hit = tmp_path / "hit"
+    planted = sorted(tmp_path.glob("ref-*.pt"))
+    assert planted
+    for path in planted:  # what someone with write access to the run folder could leave there
+        torch.save({"mu": Trap(hit)}, path)
+    with caplog.at_level(logging.WARNING, logger="clipgen"):
+        again = fidelity_metrics(a, b, extractor, **cache)
+    assert not hit.exists() and "not plain tensor or array data" in caplog.text
+    assert again["fd"] == pytest.approx(fresh["fd"], rel=1e-6)  # recomputed, then cached again
+    assert fidelity_metrics(a, b, extractor, **cache)["fd"] == pytest.approx(fresh["fd"], rel=1e-6)
 
 
 def test_fidelity_refuses_tiny_sets(extractor):
