@@ -24,15 +24,19 @@ RED, BLUE = (255, 0, 0), (0, 0, 255)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cli_env(prefect_home: Path) -> dict[str, str]:
+    """The environment of a ``clipgen`` subprocess: its own Prefect home, offline, no telemetry."""
+    return {**os.environ, "PREFECT_HOME": str(prefect_home), "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+
+
 def clipgen(tmp_path: Path, *args: str, timeout: int = 600, logs: bool = False) -> str:
     """Run the ``clipgen`` command line in a subprocess with its own Prefect home; return its stdout
     (followed by its stderr, where the logs go, if ``logs``)."""
     import subprocess
     import sys
 
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
-    out = subprocess.run([sys.executable, "-m", "clipgen.cli", *args], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "clipgen.cli", *args], cwd=ROOT, env=cli_env(tmp_path / "prefect"),
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout + (out.stderr if logs else "")

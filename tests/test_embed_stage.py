@@ -113,3 +113,16 @@ def test_shard_decoding_matches_clip_preprocessing_at_and_off_model_size(run):
         ours = clip.prepare_images(images._decode(buf.getvalue())[None])[0]
         reference = clip.preprocess(Image.fromarray(pixels))
         assert torch.allclose(ours, reference, atol=1e-5), size
+
+
+def test_the_mapped_tasks_carry_model_names_not_models(run):
+    """A Dask task runner pickles each task: the embed and tokenize tasks must not hold the loaded model."""
+    import pickle
+
+    from clipgen.pipeline import plan
+    from clipgen.stages.clip_stage import EmbedShards, clip_weights, process_clip
+    from clipgen.stages.vqgan_stage import TokenizeShard
+
+    task = EmbedShards(run.clip.model, clip_weights(run, plan(run)), run.clip.batch_size, run.clip.decoder)
+    assert len(pickle.dumps(task)) < 1000 and len(pickle.dumps(TokenizeShard("/some/vqgan"))) < 1000
+    assert process_clip.cache_info().currsize == 0  # a finished build leaves no model behind

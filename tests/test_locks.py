@@ -4,7 +4,6 @@ taken over; with ``orchestration.wait_for_locks=false`` the second run fails at 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, clipgen
+from conftest import ROOT, TINY_RUN, cli_env, clipgen
 
 from clipgen.artifacts import Artifact, ArtifactBusy, artifact_lock, run_cached
 from clipgen.config import load_config
@@ -75,8 +74,7 @@ def test_a_waiting_run_reuses_what_the_holder_built(tmp_path):
 
 
 def _run(tmp_path: Path, tag: str, stage: str, overrides: list[str]) -> tuple[subprocess.Popen, Path]:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{tag}"), "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+    env = cli_env(tmp_path / f"prefect-{tag}")
     sets = [a for o in overrides for a in ("--set", o)]
     log = tmp_path / f"{tag}.log"
     with open(log, "w") as out:

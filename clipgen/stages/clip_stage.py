@@ -8,6 +8,7 @@ mapped task, and a faiss index over the train embeddings. Finished shard files a
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -116,8 +117,11 @@ def run_clip(cfg: PipelineConfig, artifacts: dict[str, Artifact], device: str | 
     """The run's CLIP: the pretrain-clip artifact for the toy CLIP, else ``clip.pretrained``."""
     from clipgen.clip import load_clip
 
-    weights = str(artifacts["toyclip"].path) if "toyclip" in artifacts else cfg.clip.pretrained
-    return load_clip(cfg.clip.model, weights, device=device or default_device())
+    return load_clip(cfg.clip.model, clip_weights(cfg, artifacts), device=device or default_device())
+
+
+def clip_weights(cfg: PipelineConfig, artifacts: dict[str, Artifact]) -> str | None:
+    return str(artifacts["toyclip"].path) if "toyclip" in artifacts else cfg.clip.pretrained
 
 
 def embed_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -142,24 +146,45 @@ def group_jobs(jobs: list[ShardJob], per_group: int = SHARDS_PER_TASK) -> list[S
     return [ShardGroup(jobs[i:i + per_group]) for i in range(0, len(jobs), per_group)]
 
 
-def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.embed import cache_files, embed_shards, read_embeddings
-    from clipgen.index import build_index, save_index
+@functools.lru_cache(maxsize=1)
+def process_clip(model: str, weights: str | None):
+    """This process's copy of a CLIP: a Dask worker loads it once for all its tasks, threads share one."""
+    from clipgen.clip import load_clip
 
-    clip = run_clip(cfg, inputs)
+    return load_clip(model, weights, device=default_device())
 
-    def embed(group: ShardGroup) -> dict[str, Any]:
+
+class EmbedShards(NamedTuple):
+    """The embed task: names of the model, not the model, so a task runner ships a few bytes per task."""
+
+    model: str
+    weights: str | None
+    batch_size: int
+    decoder: str
+
+    def __call__(self, group: ShardGroup) -> dict[str, Any]:
+        from clipgen.embed import embed_shards
+
         count = skipped = 0
-        for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], cfg.clip.batch_size,
-                                   decoder=cfg.clip.decoder):
+        clip = process_clip(self.model, self.weights)
+        for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], self.batch_size,
+                                   decoder=self.decoder):
             write_json_atomic(Path(result.path).with_suffix(".skipped.json"), result.skipped_keys)
             count, skipped = count + result.count, skipped + len(result.skipped_keys)
         return {"count": count, "skipped": skipped}
 
+
+def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    from clipgen.embed import cache_files, read_embeddings
+    from clipgen.index import build_index, save_index
+
+    embed = EmbedShards(cfg.clip.model, clip_weights(cfg, inputs), cfg.clip.batch_size, cfg.clip.decoder)
     map_fn(embed, group_jobs(pending_shard_jobs("embed", inputs["shards"].path, EMBED_SPLITS, out)))
     train = read_embeddings(cache_files(out, "train"))
     save_index(build_index(train.vectors, cfg.clip.index, cfg.clip.ivfpq_min_size), train.keys, out)
     skipped = sum(len(json.loads(p.read_text())) for p in out.glob("*/*.skipped.json"))
     counts = {split: sum(pq.ParquetFile(p).metadata.num_rows for p in cache_files(out, split))
               for split in EMBED_SPLITS}
-    return {"counts": counts, "skipped": skipped, "embed_dim": clip.embed_dim, "index_size": len(train.keys)}
+    embed_dim = process_clip(embed.model, embed.weights).embed_dim
+    process_clip.cache_clear()  # the model is not needed by the stages that follow
+    return {"counts": counts, "skipped": skipped, "embed_dim": embed_dim, "index_size": len(train.keys)}

@@ -3,12 +3,13 @@ train/heldout shard into the token cache (one mapped task per shard; finished sh
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from clipgen.artifacts import Artifact, weights_identity
 from clipgen.config import PipelineConfig, to_dict
-from clipgen.stages import pending_shard_jobs
+from clipgen.stages import ShardJob, pending_shard_jobs
 
 TOKEN_SPLITS = ("train", "heldout")
 
@@ -34,15 +35,33 @@ def tokens_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"splits": list(TOKEN_SPLITS)}  # everything else is in the vqgan and shards ids
 
 
+@functools.lru_cache(maxsize=1)
+def process_vqgan(weights: str):
+    """This process's copy of the VQGAN: a Dask worker loads it once for all its tasks, threads share one."""
+    from clipgen.models.vqgan import load_vqgan
+
+    return load_vqgan(Path(weights))
+
+
+class TokenizeShard(NamedTuple):
+    """The tokenize task: the VQGAN's folder, not the model, so a task runner ships a few bytes per task."""
+
+    weights: str
+
+    def __call__(self, job: ShardJob) -> int:
+        from clipgen.tokenize import tokenize_shard
+
+        return tokenize_shard(process_vqgan(self.weights), job.shard, job.out).count
+
+
 def build_tokens(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.data.shards import shard_paths
-    from clipgen.models.vqgan import load_vqgan
-    from clipgen.tokenize import tokenize_shard, tokenize_shards
+    from clipgen.tokenize import tokenize_shards
 
-    model = load_vqgan(inputs["vqgan"].path)
-    shards = inputs["shards"].path
-    map_fn(lambda job: tokenize_shard(model, job.shard, job.out).count,
-           pending_shard_jobs("tokenize", shards, TOKEN_SPLITS, out))
+    shards, weights = inputs["shards"].path, str(inputs["vqgan"].path)
+    map_fn(TokenizeShard(weights), pending_shard_jobs("tokenize", shards, TOKEN_SPLITS, out))
+    model = process_vqgan(weights)
+    process_vqgan.cache_clear()
     all_shards = [p for split in TOKEN_SPLITS for p in shard_paths(shards, split)]
     results = tokenize_shards(model, all_shards, out)  # all files exist now: this only reads their counts
     counts = {split: sum(r.count for r in results if Path(r.path).parent.name == split) for split in TOKEN_SPLITS}
