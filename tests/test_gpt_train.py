@@ -166,3 +166,16 @@ def test_compiled_blocks_are_eager_again_after_training():
     with compiled_blocks(model, enabled=True):  # compiles lazily: nothing is compiled unless called
         assert all(block._compiled_call_impl is not None for block in model.blocks)
     assert all(block._compiled_call_impl is None for block in model.blocks)
+
+
+def test_a_kill_between_the_checkpoint_and_its_pointer_loses_nothing(tmp_path):
+    """The newest whole step_* folder is resumed even when the ``latest`` pointer was never moved to it."""
+    root = tmp_path / "checkpoints"
+    weights = {"model": {"w": torch.ones(2)}}
+    assert loop.latest_checkpoint(root) is None
+    loop.save_checkpoint(root, 10, weights, {}, {"rng": []})
+    newest = loop.save_checkpoint(root, 20, weights, {}, {"rng": []})
+    (root / loop.LATEST).write_text("step_0000010")  # as if killed before the pointer moved
+    (root / ".step_0000030.tmp-99").mkdir()  # and a half-written next one
+    assert loop.latest_checkpoint(root) == newest
+    assert loop.load_train_state(newest)["step"] == 20

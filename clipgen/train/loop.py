@@ -183,15 +183,17 @@ def all_rng_states(info: DistInfo) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ checkpoints
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint directory under ``root``, or None."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
+    """The newest complete checkpoint directory under ``root``, or None.
+
+    A checkpoint folder appears under its final name only when whole (:func:`save_checkpoint`), so the newest
+    ``step_*`` is the one to resume from. The ``latest`` pointer, written just after, is for people: a kill
+    between the two leaves it one checkpoint behind, and reading it would lose that checkpoint.
+    """
+    found = sorted(p for p in Path(root).glob("step_*") if (p / TRAIN_STATE).is_file())
+    if not found:
         return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / TRAIN_STATE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is incomplete; delete {root} to start over")
-    log.info("resuming from checkpoint %s", path)
-    return path
+    log.info("resuming from checkpoint %s", found[-1])
+    return found[-1]
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, torch.Tensor]], config: dict,
