@@ -188,7 +188,13 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: list[str] = field(default_factory=list)  # empty: every colour-shape pair (world) or held-out captions
+    # prompts: images_per_prompt images for each of eval.prompts (empty: every colour-shape pair on the world, else
+    # held-out captions) against the first max_reference_images held-out images. captions: the zero-shot protocol
+    # of captioned data (COCO-30k style): one image for each of the first eval.captions held-out captions, scored
+    # against the real images of the same keys
+    protocol: Literal["prompts", "captions"] = "prompts"
+    captions: int = 30000  # captions protocol: up to this many held-out images and their captions
+    prompts: list[str] = field(default_factory=list)
     images_per_prompt: int = 16
     max_reference_images: int = 10000  # held-out real images the samples are compared with (the first ones)
     inception_weights: str | None = None  # local Inception weights: adds standard FID/IS

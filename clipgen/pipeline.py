@@ -20,6 +20,7 @@ import yaml
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
 from clipgen.data.shards import damaged_shards
+from clipgen.fanout import MapFn, serial_map
 from clipgen.stages import (
     clip_stage,
     damaged_parquet,
@@ -34,15 +35,6 @@ from clipgen.train.launch import launch_step, wants_torchrun
 # User-facing stages in pipeline order. Stages of later issues join this list as they land.
 STAGES: tuple[str, ...] = ("ingest", "pretrain-clip", "embed", "train-vqgan", "tokenize", "train-gpt", "generate",
                            "evaluate")
-
-# How a step fans out over independent parts (shards): the library maps serially; flows pass a
-# function that maps through Prefect's task runner (threads or Dask) instead.
-MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]
-
-
-def serial_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    return [fn(item) for item in items]
-
 
 @dataclass(frozen=True)
 class Step:
@@ -59,7 +51,7 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("shards", "ingest", "shards", (), "3", ingest_stage.shards_config, ingest_stage.build_shards,
+    Step("shards", "ingest", "shards", (), "4", ingest_stage.shards_config, ingest_stage.build_shards,
          damaged=damaged_shards),
     Step("judge", "ingest", "judge", (), "2", ingest_stage.judge_config, ingest_stage.build_judge,
          applies=lambda cfg: cfg.data.source == "world"),
@@ -79,7 +71,7 @@ STEPS: tuple[Step, ...] = (
     Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "2",
          generate_stage.generate_config, generate_stage.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
-    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "5",
+    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "6",
          evaluate_stage.evaluate_config, evaluate_stage.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}
@@ -131,6 +123,23 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
         build = lambda out: step.build(cfg, inputs, out, map_fn)  # noqa: E731
     summary = run_cached(artifact, build, stage=name, wait=cfg.orchestration.wait_for_locks, damaged=step.damaged)
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
+
+
+def cached_results(cfg: PipelineConfig, stages: Iterable[str]) -> dict[str, dict[str, dict]] | None:
+    """What running ``stages`` would report when every one of their steps is built and undamaged (each
+    ``cached``, as :func:`run_step` reports a reused step), or None when any step has work to do. Only reads:
+    a damaged file is left for the run to repair."""
+    artifacts = plan(cfg)
+    results: dict[str, dict[str, dict]] = {}
+    for stage in stages:
+        results[stage] = {}
+        for step in steps_of(stage, cfg):
+            art = artifacts[step.name]
+            if not art.is_complete() or (step.damaged is not None and step.damaged(art.path)):
+                return None
+            results[stage][step.name] = {"step": step.name, "id": art.id, "path": str(art.path), **art.summary(),
+                                         "cached": True}
+    return results
 
 
 def save_run_config(cfg: PipelineConfig) -> Path:

@@ -74,6 +74,15 @@ def _check_clip(key: str, model: str, pretrained: str | None) -> None:
 def _check_eval_prompts(cfg: PipelineConfig) -> None:
     """World data has its own prompts and URL lists their captions; a folder has only what the config lists."""
     d = cfg.data
+    if cfg.eval.protocol == "captions":
+        if d.source != "world" and d.caption_column is None:
+            raise ConfigError(f"eval.protocol: captions draws an image for each held-out caption, and data.source "
+                              f"{d.source!r} has none (set data.caption_column for a captioned URL list); use "
+                              "eval.protocol: prompts with eval.prompts or sample.prompts")
+        if cfg.eval.captions < MIN_IMAGES_PER_SET:
+            raise ConfigError(f"eval.captions: {cfg.eval.captions} is under the {MIN_IMAGES_PER_SET} images per set "
+                              "that FD, KID and precision/recall need")
+        return
     listed = cfg.eval.prompts or ([] if d.source == "world" or d.caption_column is not None else cfg.sample.prompts)
     if listed and len(listed) * cfg.eval.images_per_prompt < MIN_IMAGES_PER_SET:
         raise ConfigError(f"eval.images_per_prompt: {cfg.eval.images_per_prompt} image(s) for each of "

@@ -22,6 +22,7 @@ from PIL import Image
 from clipgen.artifacts import Artifact, write_json_atomic, write_text_atomic
 
 GRID_SCALE = 2  # small world images are upscaled (nearest) so shapes are visible on screen
+CAPTION_PAIRS = 32  # captions protocol: draws shown beside the real image of their caption
 CURVE_STAGES = {"toyclip": "toy CLIP (contrastive)", "vqgan": "VQGAN tokenizer", "gpt": "transformer"}
 TABLE_COLUMNS = (("fd", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
                  ("fd_judge", "FD, judge space ↓"), ("precision_judge", "precision, judge space ↑"),
@@ -159,7 +160,12 @@ def write_report(out: Path, cfg, metrics: dict[str, Any], results: list, neighbo
     figures: dict[str, Any] = {"prompts": [], "curves": [], "pairs": []}
     per_prompt = metrics.get("per_prompt") or {}
     held_out = [c.lower() for c in cfg.data.world.held_out_combos] if cfg.data.source == "world" else []
-    for result in results:  # every draw of each prompt, in the order drawn (never sorted by score)
+    captions = metrics.get("protocol") == "captions"
+    if captions:  # one draw per held-out caption: the first ones beside the real image of the same key
+        figures["captions"] = [(save_grid(np.stack([results[0].images[i], held.images[i]]), out / f"caption_{i:03d}.png",
+                                          columns=2), results[0].prompts[i])
+                               for i in range(min(CAPTION_PAIRS, len(results[0].prompts)))]
+    for result in results[1:] if captions else results:  # every draw of each prompt, in the order drawn
         prompts = np.array(result.prompts, dtype=object)
         for prompt in dict.fromkeys(result.prompts):
             name = save_grid(result.images[prompts == prompt], out / f"prompt_{len(figures['prompts']):03d}.png")
@@ -229,6 +235,16 @@ def render_html(m: dict[str, Any], figures: dict[str, Any], config_text: str) ->
     grids = "".join(f"<figure><img src='{name}' alt='{e(p)}'><figcaption>{e(p)}<br>{_judged_words(acc)}"
                     "</figcaption></figure>" for p, name, acc in figures["prompts"])
     curves = "".join(f"<figure><img src='{name}' alt='{e(t)}'></figure>" for t, name in figures["curves"])
+    samples_html = ("<h2>Samples per prompt</h2><p>Every image drawn for each prompt, in the order drawn (never sorted "
+                    "by a score), so diversity shows. The prompts that name a size and a background measure the judge's "
+                    f"size and background accuracy.</p>{grids}")
+    captioned = ""
+    if figures.get("captions"):
+        pairs_html = "".join(f"<figure><img src='{name}' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>"
+                             for name, c in figures["captions"])
+        captioned = (f"<h2>One draw per held-out caption</h2><p>Protocol <i>captions</i>: {m['captions']} held-out "
+                     "captions, one image drawn from each and scored against the real images of the same keys. The first "
+                     f"ones, as drawn (sample | real image of that caption):</p>{pairs_html}")
     pairs = "".join(f"<figure><img src='{name}'><figcaption>{e(p)} · cos {s:.3f}<br>train {e(k)}</figcaption></figure>"
                     for name, p, k, s in figures["pairs"])
     extra = ""
@@ -251,9 +267,8 @@ for the other columns; <i>random token grids</i> is the ceiling.</p>
 <table><tr><th></th>{head}</tr>{body}</table>{extra}{_mix_table(m.get("judge"))}
 <p>Tokenizer: PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['code_usage'])},
 reconstruction FD {_fmt(tok['reconstruction_fd'])} (judge space {_fmt(tok.get('reconstruction_fd_judge'))}).</p>
-<h2>Samples per prompt</h2>
-<p>Every image drawn for each prompt, in the order drawn (never sorted by a score), so diversity shows. The
-prompts that name a size and a background measure the judge's size and background accuracy.</p>{grids}
+{captioned}
+{samples_html if grids else ""}
 <h3>Held-out real images</h3><figure><img src='{figures['anchors']}'></figure>
 <h2>Training curves</h2>{curves}
 <h2>Memorisation</h2>

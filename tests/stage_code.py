@@ -25,7 +25,7 @@ RECORD = Path(__file__).with_name("stage_code.json")
 # Modules that shape how a run is driven, not what a step writes: the config's values (presets included)
 # are hashed into the ids already, and locking, checks and the CLI cannot change an output's bytes.
 DRIVING = {"clipgen.config", "clipgen.presets", "clipgen.validate", "clipgen.preflight", "clipgen.errors",
-           "clipgen.cli", "clipgen.pipeline", "clipgen.artifacts", "clipgen.cores"}
+           "clipgen.cli", "clipgen.pipeline", "clipgen.fanout", "clipgen.artifacts", "clipgen.cores"}
 
 
 def module_file(name: str) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import logging
 import re
@@ -21,6 +22,8 @@ from clipgen.metrics import (
     register_clip_extractor,
     similarity_summary,
 )
+from clipgen.pipeline import plan
+from clipgen.stages.evaluate_stage import attribute_prompts
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +177,33 @@ def test_report_builds_and_every_linked_image_exists(tiny_run):
     assert "What the judge reads: sizes and backgrounds" in page
     assert metrics["ids"]["gpt"] and metrics["tokenizer"]["reconstruction_fd"] >= 0
     assert run_step(cfg, "report")["cached"]  # a second run is cached
+
+
+def test_captions_protocol_draws_one_image_per_held_out_caption_against_the_same_keys(tiny_run):
+    from clipgen.pipeline import run_step
+    from clipgen.stages.clip_stage import read_labeled_split
+
+    cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, protocol="captions", captions=12,
+                                                                  images_per_prompt=1, nn_pairs=2))
+    result = run_step(cfg, "report")
+    out = tiny_run.run_path / "report" / result["id"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    held = read_labeled_split(plan(tiny_run)["shards"].path, "heldout", tiny_run.data.image_size, limit=12)
+    assert metrics["protocol"] == "captions" and metrics["captions"] == 12
+    assert metrics["images_per_set"] == 12 and metrics["reference_images"] == 12  # the same keys' real images
+    assert metrics["prompts"] == list(dict.fromkeys(attribute_prompts()))  # the captions are not listed as prompts
+    assert set(metrics["per_prompt"]) == set(attribute_prompts())
+    for row in metrics["rows"].values():  # real images are scored against their own captions
+        assert np.isfinite(row["clip_score"]) and 0 <= row["r_precision"] <= 1 and np.isfinite(row["fd"])
+    assert metrics["judge"]["samples"]["images"] == 12
+    page = (out / "index.html").read_text()
+    assert "One draw per held-out caption" in page
+    for m in held.meta[:3]:
+        assert html.escape(m["caption"]) in page
+    links = re.findall(r"src='([^']+)'", page)
+    assert sum(link.startswith("caption_") for link in links) == 12
+    assert all((out / link).is_file() for link in links)
+    assert plan(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, captions=8)))["report"].id != result["id"]
 
 
 def test_report_with_missing_inception_weights_fails_before_any_work(tiny_run, tmp_path):

@@ -25,8 +25,13 @@ def test_run_builds_then_skips_and_reports_status(tmp_path):
     manifest = json.loads(next((tmp_path / "run/shards").glob("*/manifest.json")).read_text())
     assert manifest["counts"] == {"captioned": 40, "train": 60, "heldout": 30}
     assert (tmp_path / "run/pipeline.yaml").is_file()
-    second = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", "ingest", *args)
+    second = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", "ingest", *args, logs=True)
     assert "shards     cached" in second and "judge      cached" in second
+    assert "nothing to run, Prefect not started" in second and "temporary server" not in second
+    next((tmp_path / "run/shards").glob("*/train/00001.tar")).unlink()  # a damaged run is not a no-op
+    third = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", "ingest", *args, logs=True)
+    assert "shards     built" in third and "judge      cached" in third and "temporary server" in third
+    assert json.loads(next((tmp_path / "run/shards").glob("*/manifest.json")).read_text()) == manifest
     status = clipgen(tmp_path, "status", str(tmp_path / "run"))
     assert status.count("cached") == 2
 

@@ -6,8 +6,6 @@ import dataclasses
 import json
 import shutil
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, TINY_RUN, clipgen
 
@@ -36,20 +34,36 @@ def test_train_gpt_with_two_devices_runs_under_torchrun_through_the_flow(tiny_ru
     assert (gpt.path / "model.safetensors").is_file()
 
 
-def test_embed_on_a_local_dask_cluster_writes_the_same_cache(tiny_run, tmp_path):
-    cfg = copy_run(tiny_run, tmp_path / "run", ("shards", "judge", "toyclip"))
-    out = clipgen(tmp_path, "run", str(cfg.run_path / "pipeline.yaml"), "--stages", "embed",
-                  "--set", f"run_dir={cfg.run_path}", "--set", "orchestration.task_runner=dask", logs=True)
-    assert "embed          embeddings built" in out and "PrefectDaskClient" in out
-    ours, reference = plan(cfg)["embeddings"].path, plan(tiny_run)["embeddings"].path
-    files = sorted(p.relative_to(reference) for p in reference.glob("*/*.parquet"))
-    assert files and files == sorted(p.relative_to(ours) for p in ours.glob("*/*.parquet"))
-    for name in files:  # same keys in the same order; values equal up to float16 rounding (a Dask worker
-        # runs one torch thread, the reference run several, so the fp32 sums may differ in the last bit)
-        mine, theirs = pq.read_table(ours / name).to_pydict(), pq.read_table(reference / name).to_pydict()
-        assert mine["key"] == theirs["key"], name
-        assert np.allclose(mine["embedding"], theirs["embedding"], atol=2e-3), name
-    assert json.loads((ours / "index_keys.json").read_text()) == json.loads((reference / "index_keys.json").read_text())
+def artifact_files(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+            and p.name != "_COMPLETE"}  # the marker holds the finish time
+
+
+@pytest.mark.slow
+def test_ingest_embed_and_tokenize_on_a_local_dask_cluster_match_the_threads_runner(tiny_run, tmp_path,
+                                                                                     monkeypatch):
+    """Two single-threaded Dask worker processes, each loading its own models, write the same bytes as the
+    default threads runner (with its pool of ingest processes): shards, CLIP cache and token cache. Both run
+    torch on one thread: at another thread count the float16 embeddings can differ in the last bit (1 value in
+    2048 did on this test's data), as matmul sums are split differently."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Dask's nanny sets for its workers
+    built = {}
+    for runner in ("threads", "dask"):
+        cfg = copy_run(tiny_run, tmp_path / runner, ("judge", "toyclip", "vqgan"))
+        out = clipgen(tmp_path, "run", str(cfg.run_path / "pipeline.yaml"), "--stages", "ingest,embed,tokenize",
+                      "--set", f"run_dir={cfg.run_path}", "--set", f"orchestration.task_runner={runner}",
+                      "--set", "data.workers=2", "--set", "clip.batch_size=8", logs=True)
+        for line in ("ingest         shards     built", "embed          embeddings built", "tokenize       tokens     built"):
+            assert line in out, out[-3000:]
+        assert ("PrefectDaskClient" in out) == (runner == "dask")
+        built[runner] = plan(cfg)
+    for step in ("shards", "embeddings", "tokens"):
+        threads, dask = (artifact_files(built[r][step].path) for r in ("threads", "dask"))
+        assert threads and sorted(threads) == sorted(dask), step
+        for name in threads:
+            assert threads[name] == dask[name], f"{step}: {name} differs"
+    assert artifact_files(built["threads"]["shards"].path)["manifest.json"] == \
+        (plan(tiny_run)["shards"].path / "manifest.json").read_bytes()  # and the serial map's
 
 
 def free_port() -> int:

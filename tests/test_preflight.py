@@ -70,6 +70,11 @@ CASES = {  # id: (overrides, or a function of the tmp folder giving them; the ke
     "folder without eval prompts": (
         lambda t: ["data.source=folder", f"data.path={write_file(t, 'a.png') and t / 'data'}", "sample.prompts=[]"],
         "eval.prompts"),
+    "captions protocol on uncaptioned images": (
+        lambda t: ["data.source=folder", f"data.path={write_file(t, 'a.png') and t / 'data'}", "eval.protocol=captions"],
+        "eval.protocol"),
+    "captions protocol with too few captions": (["eval.protocol=captions", "eval.captions=3"], "eval.captions"),
+    "unknown evaluation protocol": (["eval.protocol=coco"], "eval.protocol"),
     "too few evaluation images for FD": (["eval.prompts=[a dog, a cat]", "eval.images_per_prompt=1"],
                                          "eval.images_per_prompt"),
     "missing CLIP file": (lambda t: [f"clip.pretrained={t}/clip.safetensors"], "clip.pretrained"),

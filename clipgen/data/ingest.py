@@ -1,11 +1,13 @@
 """Ingest an image folder or a URL list into WebDataset shards.
 
 Both sources end in the same place: every input is read as bytes, decoded and resized by
-:func:`clipgen.data.images.load_rgb` in a pool of worker processes, and written as ``KEY.jpg`` +
-``KEY.json`` to ``root/{train,heldout}/NNNNN.tar`` with a ``manifest.json`` that counts every skipped
-input by reason and every odd-but-valid input by note. Keys are hashes of the input's name (relative
-path or URL), samples are written in key order (a fixed pseudo-random order, so one class folder never
-fills a shard), and the split is a hash of the key: a rerun gives byte-identical shards.
+:func:`clipgen.data.images.load_rgb`, and written as ``KEY.jpg`` + ``KEY.json`` to
+``root/{train,heldout}/NNNNN.tar`` with a ``manifest.json`` that counts every skipped input by reason and
+every odd-but-valid input by note. Keys are hashes of the input's name (relative path or URL), and the
+split is a hash of the key. Each split's inputs, in key order (a fixed pseudo-random order, so one class
+folder never fills a shard), are cut into ``data.shard_size`` slices, one shard each, written as one task
+each (:mod:`clipgen.data.shard_parts`): a rerun gives byte-identical shards, and a rerun after a kill keeps
+the finished ones. A slice whose inputs are partly skipped gives a shorter shard.
 
 URL lists are downloaded with img2dataset (raw bytes, no re-encoding) in resumable parts
 (:mod:`clipgen.data.download`), then go through the same decoder.
@@ -19,11 +21,8 @@ import os
 import shutil
 import stat
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,8 +35,17 @@ from clipgen.data.download import (
     split_url_list,
 )
 from clipgen.data.images import Decoded, decode_source, os_reason
-from clipgen.data.shards import Sample, ShardInfo, Skipped, write_manifest, write_shards
+from clipgen.data.shard_parts import (
+    ShardPlan,
+    manifest_from_records,
+    plans_by_slice,
+    worker_pool,
+    write_part,
+    write_plans,
+)
+from clipgen.data.shards import Sample, Skipped
 from clipgen.errors import IngestError
+from clipgen.fanout import MapFn, serial_map
 
 SPLITS = ("train", "heldout")
 URL_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -64,35 +72,44 @@ def split_of(key: str, heldout_fraction: float) -> str:
     return "heldout" if position < heldout_fraction else "train"
 
 
-@contextmanager
-def decoder_map(data: DataConfig, n_jobs: int) -> Iterator[Callable[[Iterable[tuple]], Iterator[Decoded]]]:
-    """An order-preserving ``map`` of :func:`decode_source` over ``data.workers`` processes."""
-    job = partial(decode_source, image_size=data.image_size, max_pixels=data.max_pixels, min_side=data.min_side)
-    if data.workers == 1:
-        yield lambda sources: map(job, sources)
-        return
-    chunksize = max(1, min(64, n_jobs // (data.workers * 8)))
-    # spawn, not fork: the caller may be a threaded Prefect worker, and forking threads can deadlock.
-    with ProcessPoolExecutor(data.workers, mp_context=get_context("spawn")) as pool:
-        yield lambda sources: pool.map(job, sources, chunksize=chunksize)
+class WriteDecodedShard(NamedTuple):
+    """The folder and URL-list ingest task: decode one plan's candidates and write its shard."""
+
+    data: DataConfig
+    root: str
+
+    def __call__(self, plan: ShardPlan) -> None:
+        data = self.data
+        job = partial(decode_source, image_size=data.image_size, max_pixels=data.max_pixels, min_side=data.min_side)
+        sources = [c.source for c in plan.inputs]
+        pool = worker_pool(data.workers)
+        if pool is None:
+            results = map(job, sources)
+        else:
+            results = pool.map(job, sources, chunksize=max(1, min(64, len(sources) // (data.workers * 8))))
+        skipped: list[Skipped] = []
+        notes: Counter = Counter()
+        write_part(Path(self.root), plan, _samples(plan.inputs, results, skipped, notes), skipped, notes)
 
 
-def write_candidates(candidates: list[Candidate], data: DataConfig, root: Path,
-                     skipped: list[Skipped]) -> tuple[dict[str, list[ShardInfo]], Counter]:
-    """Decode and shard every candidate by split; appends decode failures to ``skipped``. -> (shards, notes)"""
+def write_candidates(candidates: list[Candidate], data: DataConfig, root: Path, source: str,
+                     skipped: list[Skipped], map_fn: MapFn | None) -> dict:
+    """Decode and shard every candidate, one shard per task through ``map_fn``; write the manifest (with
+    ``skipped``, the inputs dropped before decoding) and return it. Refuses a dataset with no usable image."""
     candidates = sorted(candidates, key=lambda c: c.key)
-    notes: Counter = Counter()
-    shards: dict[str, list[ShardInfo]] = {}
-    with decoder_map(data, len(candidates)) as decode:
-        for split in SPLITS:
-            chosen = [c for c in candidates if c.split == split]
-            results = decode(c.source for c in chosen)
-            samples = _samples(chosen, results, skipped, notes)
-            shards[split] = write_shards(samples, root, split, data.shard_size)
-    return shards, notes
+    plans = [plan for split in SPLITS
+             for plan in plans_by_slice(split, [c for c in candidates if c.split == split], data.shard_size,
+                                        lambda c: c.key)]
+    records = write_plans(root, plans, WriteDecodedShard(data, str(root)), map_fn)
+    manifest = manifest_from_records(root, source, SPLITS, plans, records, skipped)
+    if manifest["inputs"]["kept"] == 0:
+        raise IngestError(f"{source}: no usable image among {manifest['inputs']['skipped']} inputs; skipped by "
+                          f"reason: {manifest['skipped_by_reason']}. Fix or replace those inputs (see "
+                          f"{root}/manifest.json)")
+    return manifest
 
 
-def _samples(chosen: list[Candidate], results: Iterable[Decoded], skipped: list[Skipped],
+def _samples(chosen: tuple[Candidate, ...], results: Iterable[Decoded], skipped: list[Skipped],
              notes: Counter) -> Iterator[Sample]:
     for candidate, out in zip(chosen, results, strict=True):
         if out.reason is not None:
@@ -104,20 +121,10 @@ def _samples(chosen: list[Candidate], results: Iterable[Decoded], skipped: list[
         yield Sample(candidate.key, out.jpeg, "jpg", meta)
 
 
-def finish(root: Path, source: str, shards: dict[str, list[ShardInfo]], skipped: list[Skipped],
-           notes: Counter) -> dict:
-    """Write the manifest (plus ``notes`` counts); refuse a dataset with no image in it."""
-    skipped = sorted(skipped, key=lambda s: (s.input, s.reason))
-    manifest = write_manifest(root, source, shards, skipped, notes)
-    if sum(manifest["counts"].values()) == 0:
-        raise IngestError(f"{source}: no usable image among {len(skipped)} inputs; skipped by reason: "
-                          f"{manifest['skipped_by_reason']}. Fix or replace those inputs (see {root}/manifest.json)")
-    return manifest
-
-
 # ----------------------------------------------------------------------------------------- folder
-def ingest_folder(data: DataConfig, root: Path) -> dict:
-    """Shard every image under ``data.path`` (recursively, any format Pillow reads). Returns the manifest."""
+def ingest_folder(data: DataConfig, root: Path, map_fn: MapFn | None = None) -> dict:
+    """Shard every image under ``data.path`` (recursively, any format Pillow reads), one shard per task
+    through ``map_fn`` (serial when None). Returns the manifest."""
     folder = check_folder(data.path)
     names, skipped = find_files(folder)
     if not names and not skipped:
@@ -126,8 +133,7 @@ def ingest_folder(data: DataConfig, root: Path) -> dict:
     candidates = [_file_candidate(folder, name, data.heldout_fraction) for name in names]
     if len({c.key for c in candidates}) != len(candidates):
         raise IngestError(f"two paths under {data.path!r} hash to the same key; rename one of them")
-    shards, notes = write_candidates(candidates, data, Path(root), skipped)
-    return finish(root, f"folder:{data.path}", shards, skipped, notes)
+    return write_candidates(candidates, data, Path(root), f"folder:{data.path}", skipped, map_fn)
 
 
 def check_source(data: DataConfig) -> None:
@@ -194,28 +200,24 @@ def _file_candidate(folder: Path, name: str, heldout_fraction: float) -> Candida
 
 
 # ------------------------------------------------------------------------------------------- URLs
-def ingest_urls(data: DataConfig, root: Path, map_fn: Callable | None = None) -> dict:
+def ingest_urls(data: DataConfig, root: Path, map_fn: MapFn | None = None) -> dict:
     """Download the URL list ``data.path`` in parts (:mod:`clipgen.data.download`; ``map_fn`` fans them
-    out), then shard it. A rerun after a kill downloads only the parts that are not finished."""
+    out), then shard it, one shard per task. A rerun after a kill downloads only the parts that are not
+    finished and writes only the shards that are not."""
     url_list, input_format = check_url_list(data)
     import_img2dataset()  # fail before any work if it is missing
     staging = Path(root) / ".img2dataset"  # inside the artifact, so it shares its disk and its fate
     parts = split_url_list(data, url_list, input_format, staging)
-    (map_fn or _serial_map)(partial(download_part, data), parts)
+    (map_fn or serial_map)(partial(download_part, data), parts)
     rows, skipped = [], []
     for part in parts:
         part_rows, part_skipped = read_download_results(part.folder)
         rows += part_rows
         skipped += part_skipped
     candidates = _url_candidates(rows, data, skipped)
-    shards, notes = write_candidates(candidates, data, Path(root), skipped)
-    manifest = finish(root, f"urls:{data.path}", shards, skipped, notes)
+    manifest = write_candidates(candidates, data, Path(root), f"urls:{data.path}", skipped, map_fn)
     shutil.rmtree(staging)  # the shards hold every kept image; a failed run keeps its parts instead
     return manifest
-
-
-def _serial_map(fn: Callable, items: list) -> list:
-    return [fn(item) for item in items]
 
 
 def check_url_list(data: DataConfig) -> tuple[Path, str]:

@@ -8,6 +8,7 @@ gives byte-identical shards and digests, and each shard appears under its final 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import mmap
 import tarfile
@@ -59,21 +60,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shards(samples: Iterable[Sample], root: Path, split: str, shard_size: int) -> list[ShardInfo]:
     """Write ``samples`` to ``root/split/NNNNN.tar``, ``shard_size`` samples per shard, each atomically."""
-    out_dir = Path(root) / split
-    out_dir.mkdir(parents=True, exist_ok=True)
     infos: list[ShardInfo] = []
     batch: list[Sample] = []
 
     def flush() -> None:
-        final = out_dir / f"{len(infos):05d}.tar"
-        with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in batch:
-                if s.ext not in IMAGE_EXTS:
-                    raise ValueError(f"sample {s.key}: image ext must be one of {IMAGE_EXTS}, got {s.ext!r}")
-                _add_member(tar, f"{s.key}.{s.ext}", s.image)
-                _add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
-        rel = f"{split}/{final.name}"
-        infos.append(ShardInfo(rel, len(batch), final.stat().st_size, file_digest(final)))
+        rel = f"{split}/{len(infos):05d}.tar"
+        infos.append(write_shard(batch, Path(root) / rel, rel))
         batch.clear()
 
     for sample in samples:
@@ -83,6 +75,24 @@ def write_shards(samples: Iterable[Sample], root: Path, split: str, shard_size: 
     if batch:
         flush()
     return infos
+
+
+def write_shard(samples: Iterable[Sample], path: Path, name: str) -> ShardInfo | None:
+    """Write ``samples`` as one tar at ``path``, atomically; ``name`` is what the manifest calls it.
+    Nothing is written, and None returned, when there are no samples."""
+    samples = iter(samples)
+    first = next(samples, None)
+    if first is None:
+        return None
+    count = 0
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in itertools.chain([first], samples):
+            if s.ext not in IMAGE_EXTS:
+                raise ValueError(f"sample {s.key}: image ext must be one of {IMAGE_EXTS}, got {s.ext!r}")
+            _add_member(tar, f"{s.key}.{s.ext}", s.image)
+            _add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
+            count += 1
+    return ShardInfo(name, count, path.stat().st_size, file_digest(path))
 
 
 def iter_shard(path: Path, exts: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:

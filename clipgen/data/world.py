@@ -19,6 +19,7 @@ import io
 import math
 import multiprocessing
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipgen.config import DataConfig, WorldConfig
-from clipgen.data.shards import Sample, write_manifest, write_shards
+from clipgen.data.shard_parts import ShardPlan, manifest_from_records, worker_pool, write_part, write_plans
+from clipgen.data.shards import Sample
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 # Saturated and far apart in hue, so each stays distinct from the others and from any grey background.
@@ -327,10 +329,39 @@ def world_arrays(world: WorldConfig, split: str, image_size: int, n: int | None 
                        {name: np.concatenate([c.labels[name] for c in chunks]) for name in ATTRIBUTES})
 
 
-def ingest_world(data: DataConfig, root: Path) -> dict:
-    """Render the captioned, train and heldout splits into WebDataset shards under ``root`` + manifest."""
-    shards = {}
+PART_CHUNK = 250  # samples per process-pool job inside one shard's task
+
+
+def world_plans(world: WorldConfig, shard_size: int) -> list[ShardPlan]:
+    """One plan per shard of every shard split: consecutive index ranges of ``shard_size`` samples."""
+    plans = []
     for split in SHARD_SPLITS:
-        samples = iter_world_split(data.world, split, data.image_size, workers=data.workers)
-        shards[split] = write_shards(samples, root, split, data.shard_size)
-    return write_manifest(root, "world", shards, skipped=[])
+        n = split_size(world, split)
+        _excluded(world, split)
+        for index, start in enumerate(range(0, n, shard_size)):
+            stop = min(start + shard_size, n)
+            plans.append(ShardPlan(split, index, (start, stop), (f"{split} {start}-{stop}",)))
+    return plans
+
+
+class WriteWorldShard(NamedTuple):
+    """The world's ingest task: render one plan's index range and write its shard (a few bytes to ship)."""
+
+    data: DataConfig
+    root: str
+
+    def __call__(self, plan: ShardPlan) -> None:
+        start, stop = plan.inputs
+        jobs = [(self.data.world, plan.split, self.data.image_size, first, min(first + PART_CHUNK, stop))
+                for first in range(start, stop, PART_CHUNK)]
+        pool = worker_pool(self.data.workers)
+        chunks = pool.map(_samples_chunk, jobs) if pool else map(_samples_chunk, jobs)
+        write_part(Path(self.root), plan, (sample for chunk in chunks for sample in chunk), [], Counter())
+
+
+def ingest_world(data: DataConfig, root: Path, map_fn=None) -> dict:
+    """Render the captioned, train and heldout splits into WebDataset shards under ``root`` + manifest, one
+    shard per task through ``map_fn`` (serial when None); finished shards of an interrupted run are kept."""
+    plans = world_plans(data.world, data.shard_size)
+    records = write_plans(root, plans, WriteWorldShard(data, str(root)), map_fn)
+    return manifest_from_records(root, "world", SHARD_SPLITS, plans, records, skipped=[])

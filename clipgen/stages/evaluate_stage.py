@@ -1,7 +1,9 @@
 """The ``evaluate`` stage: score a finished run and write ``report/<id>/metrics.json`` and ``index.html``.
 
-It draws ``eval.images_per_prompt`` images for each evaluation prompt with the run's sampling settings and
-compares them with the held-out real images. Three anchor rows put the numbers in scale, each measured
+It draws images with the run's sampling settings and compares them with held-out real images, by
+``eval.protocol`` (:func:`evaluation_set`): ``eval.images_per_prompt`` images for each evaluation prompt, or
+(``captions``, the zero-shot protocol of captioned data such as COCO-30k) one image for each held-out caption,
+against the real images of the same keys. Three anchor rows put the numbers in scale, each measured
 the same way and with as many images as the samples:
 
 * **real images**: fidelity of real *train* images against the held-out reference (the floor), and the
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 
 from clipgen.artifacts import Artifact, content_digest, weights_identity
-from clipgen.config import ConfigError, PipelineConfig, to_dict
+from clipgen.config import ConfigError, PipelineConfig, SampleConfig, to_dict
+from clipgen.metrics import MIN_IMAGES_PER_SET
 from clipgen.report import HEADLINE_LABELS
-from clipgen.stages.clip_stage import read_labeled_split
+from clipgen.stages.clip_stage import LabeledImages, read_labeled_split
 
 MAX_CAPTION_PROMPTS = 64  # evaluation prompts taken from held-out captions when none are configured
 
@@ -91,9 +94,35 @@ def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
     return captions
 
 
+def evaluation_set(cfg: PipelineConfig, shards: Path) -> tuple[LabeledImages, list[str], SampleConfig]:
+    """The held-out reference images, the prompts to draw and the sampling settings, by ``eval.protocol``:
+
+    * ``prompts``: ``eval.images_per_prompt`` draws of each evaluation prompt (:func:`eval_prompts`) against
+      the first ``eval.max_reference_images`` held-out images;
+    * ``captions``: one draw for each of the first ``eval.captions`` held-out captions, against the real images
+      of the same keys (held-out images without a caption are left out of both).
+    """
+    e, size = cfg.eval, cfg.data.image_size
+    held = read_labeled_split(shards, "heldout", size,
+                              limit=e.captions if e.protocol == "captions" else e.max_reference_images)
+    if not len(held.images):
+        raise ConfigError(f"data.heldout_fraction: the held-out split of {shards} is empty, so there is nothing to "
+                          "evaluate against; raise data.heldout_fraction or add images")
+    if e.protocol == "prompts":
+        return held, eval_prompts(cfg, held.meta), dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt)
+    captioned = [i for i, m in enumerate(held.meta) if m.get("caption")]
+    if len(captioned) < MIN_IMAGES_PER_SET:
+        raise ConfigError(f"eval.protocol: captions found {len(captioned)} captioned image(s) among the first "
+                          f"{len(held.images)} held-out ones of {shards}, under the {MIN_IMAGES_PER_SET} that FD "
+                          "needs; use eval.protocol: prompts")
+    held = LabeledImages(held.images[captioned], [held.meta[i] for i in captioned])
+    return held, [m["caption"] for m in held.meta], dataclasses.replace(cfg.sample, n_per_prompt=1)
+
+
 def real_texts(cfg: PipelineConfig, meta: list[dict]) -> list[str]:
-    """What each real image shows, phrased like the world's evaluation prompts (else its caption, or "")."""
-    if cfg.data.source == "world":
+    """What each real image shows: its caption under the captions protocol; else phrased like the world's
+    evaluation prompts (else its caption, or "")."""
+    if cfg.data.source == "world" and cfg.eval.protocol == "prompts":
         return [world_prompt(m["colour"], m["shape"]) for m in meta]
     return [m.get("caption") or "" for m in meta]
 
@@ -223,12 +252,7 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
         check_inception_weights(e.inception_weights)  # fail before the expensive part
     gen = load_generator(cfg, inputs)
     shards, size = inputs["shards"].path, cfg.data.image_size
-    held = read_labeled_split(shards, "heldout", size, limit=e.max_reference_images)
-    if not len(held.images):
-        raise ConfigError(f"data.heldout_fraction: the held-out split of {shards} is empty, so there is nothing to "
-                          "evaluate against; raise data.heldout_fraction or add images")
-    prompts = eval_prompts(cfg, held.meta)
-    settings = dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt)
+    held, prompts, settings = evaluation_set(cfg, shards)
     results = [generate(gen, prompts, settings)]
     result = results[0]
     n = len(result.images)
@@ -252,6 +276,7 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
                          [text_group(p, world) for p in results[1].prompts])
         judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in [*sets, named]}
 
+    by_prompt = results[1:] if e.protocol == "captions" else results  # one draw per caption: no per-prompt rows
     named_sets = {s.name: s for s in sets}  # reconstructions pair with the real images, one for one
     recon_agreement = gen.judge.agreement(named_sets["real images"].images,
                                           named_sets["VQGAN reconstructions"].images) if gen.judge else None
@@ -263,12 +288,13 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
                      "memorised_fraction": memorisation[s.name].get("fraction_above")} for s in sets}
     metrics = {
         "run": cfg.name, "ids": {name: art.id for name, art in inputs.items()}, "settings": evaluate_config(cfg),
-        "prompts": [p for r in results for p in dict.fromkeys(r.prompts)], "images_per_set": n,
+        "protocol": e.protocol, "prompts": [p for r in by_prompt for p in dict.fromkeys(r.prompts)],
+        "captions": n if e.protocol == "captions" else None, "images_per_set": n,
         "reference_images": len(held.images),
         "feature_space": f"{cfg.clip.model} image embeddings (the run's CLIP): FD here is not Inception FID",
         "scoring_clip": scorer_name, "scoring_clip_independent": independent,
         "rows": rows, "inception": inception, "judge": judge, "memorisation": memorisation,
-        "per_prompt": {k: v for r in results for k, v in judged_per_prompt(r).items()} if judge else None,
+        "per_prompt": {k: v for r in by_prompt for k, v in judged_per_prompt(r).items()} if judge else None,
         "tokenizer": tokenizer_summary(inputs["vqgan"], fidelity["VQGAN reconstructions"],
                                        recon_agreement),
     }

@@ -21,14 +21,15 @@ def shards_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
+    """One shard per task on the task runner (:mod:`clipgen.data.shard_parts`), whatever the source."""
     if cfg.data.source == "world":
         from clipgen.data.world import ingest_world
 
-        manifest = ingest_world(cfg.data, out)
+        manifest = ingest_world(cfg.data, out, map_fn)
     elif cfg.data.source == "folder":
         from clipgen.data.ingest import ingest_folder
 
-        manifest = ingest_folder(cfg.data, out)
+        manifest = ingest_folder(cfg.data, out, map_fn)
     else:
         from clipgen.data.ingest import ingest_urls
 

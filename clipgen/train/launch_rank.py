@@ -13,7 +13,8 @@ from pathlib import Path
 
 from clipgen.artifacts import write_json_atomic
 from clipgen.config import load_config
-from clipgen.pipeline import STEPS_BY_NAME, plan, serial_map
+from clipgen.fanout import serial_map
+from clipgen.pipeline import STEPS_BY_NAME, plan
 from clipgen.train.launch import SUMMARY_FILE
 
 
