@@ -7,9 +7,11 @@ the library itself never imports Prefect. Every other command is plain library c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import yaml
 
 from clipgen.config import ConfigError, PipelineConfig, load_config
 from clipgen.errors import ClipgenError
+from clipgen.validate import validate_sample
 
 EPILOG = """examples:
   clipgen run pipelines/shapes.yaml                      # the whole embedded default pipeline
@@ -115,8 +118,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import shutil
-
     from clipgen.pipeline import plan
     from clipgen.preflight import check_inputs
 
@@ -144,8 +145,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    import dataclasses
-
     cfg = load_run_config(args.target, args.overrides)
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     return 0
@@ -168,12 +167,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from clipgen.generate import check_prompts, generate, judged_per_prompt, write_outputs
     from clipgen.pipeline import plan
     from clipgen.stages.generate_stage import load_generator
-    from clipgen.validate import validate_sample
 
     prompts = check_prompts(args.prompts)  # a bad prompt fails before any model loads
     cfg = load_run_config(args.run, args.overrides)

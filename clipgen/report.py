@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from clipgen.artifacts import Artifact, write_json_atomic, write_text_atomic
+from clipgen.data.shards import iter_shard, shard_paths
 
 GRID_SCALE = 2  # small world images are upscaled (nearest) so shapes are visible on screen
 CAPTION_PAIRS = 32  # captions protocol: draws shown beside the real image of their caption
@@ -140,7 +141,6 @@ def plot_similarity(similarities: dict[str, np.ndarray], threshold: float, path:
 
 def images_by_key(shard_root: Path, split: str, keys: list[str], image_size: int) -> dict[str, np.ndarray]:
     from clipgen.data.images_array import decode_image
-    from clipgen.data.shards import iter_shard, shard_paths
 
     wanted, found = set(keys), {}
     for shard in shard_paths(shard_root, split):

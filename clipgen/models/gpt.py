@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clipgen.artifacts import atomic_path, write_json_atomic
 from clipgen.models.gpt_cache import KVCache
 
 
@@ -239,7 +240,6 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 def save_gpt(model: GPT, directory: Path, extra: dict | None = None) -> None:
     """``model.safetensors`` + ``config.json`` (the shape, so the folder rebuilds with no other file)."""
-    from clipgen.artifacts import atomic_path, write_json_atomic
     from clipgen.models.vqgan import state_dict_for_save
 
     directory = Path(directory)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from clipgen.artifacts import atomic_path, write_json_atomic
 from clipgen.config import VQGANConfig
 from clipgen.models.quantizer import Quantized, build_quantizer
 
@@ -206,7 +207,6 @@ class VQGAN(nn.Module):
 
     def save_pretrained(self, directory: Path, extra: dict | None = None) -> None:
         """Write ``model.safetensors`` + ``config.json`` into ``directory`` (each file atomically)."""
-        from clipgen.artifacts import atomic_path, write_json_atomic
 
         directory = Path(directory)
         with atomic_path(directory / WEIGHTS) as tmp:

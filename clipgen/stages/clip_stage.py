@@ -19,6 +19,7 @@ import torch
 
 from clipgen.artifacts import Artifact, weights_identity, write_json_atomic
 from clipgen.config import PipelineConfig, to_dict
+from clipgen.cores import free_cpu_threads, torch_threads
 from clipgen.data.images_array import decode_image
 from clipgen.data.shards import iter_shard, shard_paths
 from clipgen.stages import ShardJob, pending_shard_jobs
@@ -62,7 +63,6 @@ def toyclip_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     from clipgen.clip import load_clip
-    from clipgen.cores import free_cpu_threads, torch_threads
     from clipgen.train.clip_trainer import CaptionedImages, pretrain_toy_clip
 
     shards = inputs["shards"].path

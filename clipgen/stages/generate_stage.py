@@ -11,6 +11,7 @@ On the shapes world every image gets the judge's verdict, and the stage reports
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import torch
 
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, SampleConfig, to_dict
+from clipgen.data.shards import iter_shard, shard_paths
 from clipgen.stages.clip_stage import default_device, run_clip
 from clipgen.stages.ingest_stage import load_judge_if_any
 
@@ -82,9 +84,7 @@ def heldout_labels(shards: Path) -> dict[str, tuple[str, str]]:
 
     Only this measurement reads them (never captions); training saw the caches alone.
     """
-    import json
 
-    from clipgen.data.shards import iter_shard, shard_paths
 
     labels = {}
     for shard in shard_paths(shards, "heldout"):

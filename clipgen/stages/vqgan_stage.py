@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from clipgen.artifacts import Artifact, weights_identity
 from clipgen.config import PipelineConfig, to_dict
+from clipgen.data.shards import shard_paths
 from clipgen.stages import ShardJob, pending_shard_jobs
 
 TOKEN_SPLITS = ("train", "heldout")
@@ -55,7 +56,6 @@ class TokenizeShard(NamedTuple):
 
 
 def build_tokens(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.data.shards import shard_paths
     from clipgen.tokenize import tokenize_shards
 
     shards, weights = inputs["shards"].path, str(inputs["vqgan"].path)

@@ -14,6 +14,7 @@ start one process per node, e.g. Slurm or Kubernetes), all pointing at one rende
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipgen.artifacts import write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
 
 SUMMARY_FILE = ".launch_summary.json"
@@ -44,11 +46,9 @@ def torchrun_command(cfg: PipelineConfig, config_file: Path, step: str, out: Pat
 
 def launch_step(cfg: PipelineConfig, step: str, out: Path) -> dict[str, Any]:
     """Build ``step`` into ``out`` under torchrun; returns rank 0's summary. Fails if any rank fails."""
-    import dataclasses
 
     import yaml
 
-    from clipgen.artifacts import write_text_atomic
 
     out = Path(out)
     config_file = out / ".launch_config.yaml"
