@@ -204,6 +204,10 @@ def test_captions_protocol_draws_one_image_per_held_out_caption_against_the_same
     assert sum(link.startswith("caption_") for link in links) == 12
     assert all((out / link).is_file() for link in links)
     assert plan(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, captions=8)))["report"].id != result["id"]
+    prompts = plan(tiny_run)["report"].id  # a key only the other protocol reads does not move a report's id
+    assert plan(dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, captions=8)))["report"].id == prompts
+    assert plan(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_reference_images=7)))["report"].id == \
+        result["id"]
 
 
 def test_report_with_missing_inception_weights_fails_before_any_work(tiny_run, tmp_path):

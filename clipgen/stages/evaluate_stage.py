@@ -47,7 +47,9 @@ def evaluate_config(cfg: PipelineConfig) -> dict[str, Any]:
     # the evaluation draws its own prompts, eval.images_per_prompt of each
     sample = {k: v for k, v in to_dict(cfg.sample).items() if k not in ("prompts", "n_per_prompt")}
     weights = {k: weights_identity(getattr(cfg.eval, k)) for k in ("inception_weights", "scoring_clip_pretrained")}
-    return {"eval": {**to_dict(cfg.eval), **weights}, "sample": sample}
+    unread = ("captions",) if cfg.eval.protocol == "prompts" else ("prompts", "max_reference_images")
+    e = {k: v for k, v in to_dict(cfg.eval).items() if k not in unread}  # what the other protocol reads
+    return {"eval": {**e, **weights}, "sample": sample}
 
 
 def text_group(text: str, world: bool) -> Any:
@@ -271,7 +273,8 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
                                e.r_precision_distractors, cfg.sample.seed)
     judge = None
     if gen.judge is not None:  # the shapes world: also prompts that name a size and a background
-        results.append(generate(gen, attribute_prompts(), settings))
+        per_prompt = dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt)  # whatever the protocol
+        results.append(generate(gen, attribute_prompts(), per_prompt))
         named = ImageSet("attribute prompts", results[1].images, results[1].prompts,
                          [text_group(p, world) for p in results[1].prompts])
         judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in [*sets, named]}
