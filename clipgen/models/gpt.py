@@ -61,7 +61,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 static: bool = False) -> torch.Tensor:
-        b, t, c = x.shape
+        b, t, c = x.shape  # x: [B, T, C], T new positions (the whole sequence, or 1 when decoding)
+        # each of q, k, v: [B, H, T, C/H]
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
         if static:  # one token; every shape fixed, the position read on the device
             y = cache.attend_at_position(layer, q, k, v)
@@ -69,7 +70,7 @@ class Attention(nn.Module):
         start = 0
         if cache is not None:
             start = cache.length
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, k, v)  # [B, H, start + T, C/H]: the cached prefix and the new positions
             k, v = k.to(q.dtype), v.to(q.dtype)
         if start == 0:  # the whole sequence so far: plain causal attention
             mask, causal = None, True
@@ -83,7 +84,7 @@ class Attention(nn.Module):
             y = written_out_causal_attention(q, k, v, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))  # y: [B, H, T, C/H] -> [B, T, C]
 
 
 def written_out_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -107,8 +108,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 static: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer, static)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.attn(self.ln1(x), cache, layer, static)  # [B, T, C] throughout
+        return x + self.mlp(self.ln2(x))  # the MLP widens to [B, T, 4C] and back
 
 
 class GPT(nn.Module):
@@ -153,19 +154,20 @@ class GPT(nn.Module):
         return self.null_cond[None].expand(batch, -1)
 
     def _prefix(self, cond: torch.Tensor) -> torch.Tensor:
+        # [B, D] -> [B, n_prefix * C] -> [B, n_prefix, C]: the condition as n_prefix tokens
         return self.cond_proj(cond).view(len(cond), self.shape.n_prefix, self.shape.n_embd)
 
     def _token_bias(self, cond: torch.Tensor) -> torch.Tensor | float:
         """The condition's term added to every token embedding (a direct path besides the prefix)."""
-        return self.cond_add(cond)[:, None] if self.cond_add is not None else 0.0
+        return self.cond_add(cond)[:, None] if self.cond_add is not None else 0.0  # [B, 1, C]
 
     def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        x = self.drop(x + self.pos_emb[:, start:start + x.shape[1]])
+        x = self.drop(x + self.pos_emb[:, start:start + x.shape[1]])  # [B, T, C] at positions start..start+T-1
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
             cache.length += x.shape[1]
-        return self.head(self.ln_f(x))
+        return self.head(self.ln_f(x))  # [B, T, V]
 
     def forward(self, cond: torch.Tensor, tokens: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits ``[B, N, V]`` for all ``N`` tokens (``tokens`` is ``[B, N]``).
@@ -175,8 +177,9 @@ class GPT(nn.Module):
         """
         if drop is not None:
             cond = self.condition(cond, drop)
+        # [B, n_prefix + N - 1, C]: the condition's prefix, then every token but the last (teacher forcing)
         x = torch.cat([self._prefix(cond), self.tok_emb(tokens[:, :-1]) + self._token_bias(cond)], dim=1)
-        return self._run(x, 0, None)[:, self.shape.n_prefix - 1:]
+        return self._run(x, 0, None)[:, self.shape.n_prefix - 1:]  # from the last prefix position: [B, N, V]
 
     def prefill(self, cond: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the prefix into an empty ``cache``; returns the logits of the first token ``[B, V]``."""
