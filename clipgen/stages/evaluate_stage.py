@@ -273,8 +273,8 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
                                e.r_precision_distractors, cfg.sample.seed)
     judge = None
     if gen.judge is not None:  # the shapes world: also prompts that name a size and a background
-        per_prompt = dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt)  # whatever the protocol
-        results.append(generate(gen, attribute_prompts(), per_prompt))
+        attribute_settings = dataclasses.replace(cfg.sample, n_per_prompt=e.images_per_prompt)  # either protocol
+        results.append(generate(gen, attribute_prompts(), attribute_settings))
         named = ImageSet("attribute prompts", results[1].images, results[1].prompts,
                          [text_group(p, world) for p in results[1].prompts])
         judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in [*sets, named]}
