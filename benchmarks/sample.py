@@ -16,7 +16,8 @@ the best of ``--repeats`` timed calls after one warm-up call (which captures the
 Greedy parity: before its timings, each path samples ``--parity-rows`` conditions greedily in fp32 and must
 give the tokens of :func:`clipgen.sample.sample_tokens_uncached`, the reference loop (the whole sequence
 recomputed for every token), and (``greedy_matches_plain``) those of the plain cached loop. The reference is also timed (``speedup``) where ``--time-reference`` says:
-by default on CPU only, at the first batch size; at paper size on a GPU it would take minutes.
+by default on CPU only, at the first batch size (or each of ``--reference-batch-sizes``); at paper size on a GPU
+it would take minutes.
 
 The bound each batch size is measured against (``bound``): a single-token step must read the weights it
 uses (:func:`gpt_shapes.decode_step_parameters` x 2 bytes in bf16) plus the filled KV cache
@@ -125,10 +126,13 @@ def bench_preset(preset: str, args, device: torch.device, report: Report) -> Non
     plain = sample_tokens(model, parity_cond, greedy)  # the same matrix shapes as every cached path
     time_reference = args.time_reference == "yes" or (args.time_reference == "auto" and not cuda)
     if time_reference:
-        cond = conditions(batches[0], shape.cond_dim, device)
-        seconds = timed(lambda: sample_tokens_uncached(model, cond, settings), device)  # once: the slow side
-        row["reference"] = {"batch_size": batches[0], "images_per_s": round(batches[0] / seconds, 4)}
-        report.save()
+        row["reference"] = {}  # batch size -> images/s
+        for batch in [int(b) for b in args.reference_batch_sizes.split(",")] if args.reference_batch_sizes \
+                else batches[:1]:
+            cond = conditions(batch, shape.cond_dim, device)
+            seconds = timed(lambda: sample_tokens_uncached(model, cond, settings), device)  # once: the slow side
+            row["reference"][str(batch)] = round(batch / seconds, 4)
+            report.save()
     for path in args.paths.split(","):
         result = row["paths"][path] = {}
         try:
@@ -153,8 +157,8 @@ def bench_preset(preset: str, args, device: torch.device, report: Report) -> Non
                          "ms_per_step": round(1000 * best / shape.n_tokens, 3)}
                 if str(batch) in row["bounds"]:
                     entry["of_bound"] = round(batch / best / row["bounds"][str(batch)]["images_per_s"], 3)
-                if row["reference"] and row["reference"]["batch_size"] == batch:
-                    entry["speedup"] = round(batch / best / row["reference"]["images_per_s"], 1)
+                if row["reference"] and str(batch) in row["reference"]:
+                    entry["speedup"] = round(batch / best / row["reference"][str(batch)], 1)
                 result[str(batch)] = entry
                 report.save()
         except Exception as exc:  # noqa: BLE001 - report it and go on: the other paths' numbers still count
@@ -192,6 +196,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parity-rows", type=int, default=2)
     parser.add_argument("--time-reference", choices=["auto", "yes", "no"], default="auto")
+    parser.add_argument("--reference-batch-sizes", default="", help="comma-separated batch sizes to time the "
+                        "reference at (each once: it is slow); default the first of --batch-sizes")
     parser.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in B/s for the bound; "
                         "default 4.8e12 (H200) on CUDA, none on CPU")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s for the bound")
