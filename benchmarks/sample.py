@@ -130,7 +130,7 @@ def bench_preset(preset: str, args, device: torch.device, report: Report) -> Non
         for batch in [int(b) for b in args.reference_batch_sizes.split(",")] if args.reference_batch_sizes \
                 else batches[:1]:
             cond = conditions(batch, shape.cond_dim, device)
-            seconds = timed(lambda: sample_tokens_uncached(model, cond, settings), device)  # once: the slow side
+            seconds = timed(lambda cond=cond: sample_tokens_uncached(model, cond, settings), device)  # once: slow
             row["reference"][str(batch)] = round(batch / seconds, 4)
             report.save()
     for path in args.paths.split(","):
