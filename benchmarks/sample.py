@@ -127,8 +127,9 @@ def bench_preset(preset: str, args, device: torch.device, report: Report) -> Non
     time_reference = args.time_reference == "yes" or (args.time_reference == "auto" and not cuda)
     if time_reference:
         row["reference"] = {}  # batch size -> images/s
-        for batch in [int(b) for b in args.reference_batch_sizes.split(",")] if args.reference_batch_sizes \
-                else batches[:1]:
+        reference_batches = [int(b) for b in args.reference_batch_sizes.split(",")] if args.reference_batch_sizes \
+            else batches[:1]
+        for batch in reference_batches:
             cond = conditions(batch, shape.cond_dim, device)
             seconds = timed(lambda cond=cond: sample_tokens_uncached(model, cond, settings), device)  # once: slow
             row["reference"][str(batch)] = round(batch / seconds, 4)
