@@ -25,15 +25,19 @@ from clipgen.pipeline import plan, run_step
 
 # From main's defaults before the distribution work, one change at a time, to the shipped defaults.
 BEFORE = ["gpt.noise_level=0.2", "gpt.weight_average=0", "sample.bridge=none", "sample.cfg_scale=2.0",
-          "sample.rerank_candidates=4", "sample.rerank_against=prompt", "sample.knn_spread=0.225"]
+          "sample.rerank_candidates=4", "sample.rerank_against=prompt", "sample.knn_spread=0.225",
+          "sample.knn_temperature=0.05", "sample.rerank_prompt_weight=1"]
 STEPS = [
     ("before: train noise 0.2, no inference bridge, guidance 2, CLIP-best of 4 against the prompt", []),
     ("train noise 0.6 (training conditions as far from the image as a text is)", ["gpt.noise_level=0.6"]),
     ("kNN bridge: each draw's variation from a train image near the prompt", ["sample.bridge=knn"]),
     ("re-ranking against each draw's own condition", ["sample.rerank_against=condition"]),
     ("8 candidates per image", ["sample.rerank_candidates=8"]),
-    ("re-ranking against the prompt and the condition together (shipped: keeps held-out combinations)",
+    ("re-ranking against the prompt and the condition together (keeps held-out combinations)",
      ["sample.rerank_against=both"]),
+    ("sharper neighbour weights (temperature 0.025) and milder guidance (1.75)",
+     ["sample.knn_temperature=0.025", "sample.cfg_scale=1.75"]),
+    ("the prompt weighed 0.75 beside the condition in re-ranking (shipped)", ["sample.rerank_prompt_weight=0.75"]),
 ]
 
 def cumulative(start: list[str], steps: list[tuple[str, list[str]]]) -> list[dict]:

@@ -9,7 +9,7 @@ distribution among those that hold the accuracy floor; the defaults in ``pipelin
 Prints one JSON line per setting and a final summary line.
 
     python benchmarks/prompt_sweep.py --run runs/shapes [--scales 1,1.5,2] [--rerank 0,4] [--spreads 0.3,0.5]
-        [--rerank-against prompt,condition] [--set k=v]
+        [--rerank-against prompt,condition,both] [--prompt-weights 0.25,1] [--set k=v]
 
 An ablation's transformer is named by the same overrides it was trained with, e.g. after
 ``clipgen run pipelines/shapes.yaml --stages train-gpt --set gpt.noise_level=0.5``:
@@ -43,8 +43,9 @@ def settings(cfg, args) -> list[dict]:
                                                        (int(v) for v in args.rerank.split(","))):
             varied = rerank > 1 and bridge != "none"  # without a bridge the condition is the prompt
             for against in args.rerank_against.split(",") if varied else ["prompt"]:
-                out.append({"bridge": bridge, "knn_spread": spread, "cfg_scale": scale, "rerank_candidates": rerank,
-                            "rerank_against": against})
+                weights = args.prompt_weights.split(",") if against == "both" else [cfg.sample.rerank_prompt_weight]
+                out.extend({"bridge": bridge, "knn_spread": spread, "cfg_scale": scale, "rerank_candidates": rerank,
+                            "rerank_against": against, "rerank_prompt_weight": float(w)} for w in weights)
     return out
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rerank", default="0,4")
     parser.add_argument("--spreads", default="0.5", help="sample.knn_spread values for the knn bridge")
     parser.add_argument("--rerank-against", default="prompt,condition")
+    parser.add_argument("--prompt-weights", default="1", help="sample.rerank_prompt_weight values (rerank against both)")
     parser.add_argument("--out", help="also write the report here (JSON, rewritten after each setting)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides naming which transformer to sweep, e.g. --set gpt.steps=1000")

@@ -175,7 +175,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.run, args.overrides)
     knobs = {"n_per_prompt": args.n, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "cfg_scale": args.cfg_scale, "bridge": args.bridge, "rerank_candidates": args.rerank,
-             "rerank_against": args.rerank_against, "seed": args.seed}
+             "rerank_against": args.rerank_against, "rerank_prompt_weight": args.rerank_prompt_weight,
+             "seed": args.seed}
     given = {k: v for k, v in knobs.items() if v is not None}
     settings = dataclasses.replace(cfg.sample, **given)
     flags = {"n_per_prompt": "-n", "rerank_candidates": "--rerank"}  # the others: --field-name
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", type=int, help="candidates drawn per image, the CLIP-best kept (0 = off)")
     p.add_argument("--rerank-against", choices=["prompt", "condition", "both"],
                    help="re-rank by CLIP similarity to the prompt, to each draw's bridged condition, or to both")
+    p.add_argument("--rerank-prompt-weight", type=float,
+                   help="with --rerank-against both: the prompt's weight beside the condition's 1")
     p.add_argument("--seed", type=int)
     _add_common_args(p)
     p.set_defaults(func=cmd_generate)

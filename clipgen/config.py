@@ -183,6 +183,7 @@ class SampleConfig:
     rerank_candidates: int = 0  # sample this many per image and keep the CLIP-best; 0 = off
     rerank_against: Literal["prompt", "condition", "both"] = "prompt"  # CLIP-best against the text, the draw's
     # own bridged condition, or the two together (clipgen.generate)
+    rerank_prompt_weight: float = 1.0  # both: the prompt's weight beside the condition's 1 (clipgen.generate)
     seed: int = 0
 
 

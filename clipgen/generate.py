@@ -14,7 +14,8 @@
 5. optionally draws ``rerank_candidates`` per image and keeps the one whose CLIP image embedding is
    closest to the prompt (``rerank_against: prompt``), to the draw's own bridged condition (``condition``:
    the candidates compete on matching the variation the bridge drew, so re-ranking keeps the spread), or to
-   the two together (``both``);
+   the two together (``both``: ``normalize(rerank_prompt_weight * prompt + condition)``; the text embedding
+   sits nearest the smallest shapes of what it names, so a full weight keeps too many small ones);
 6. scores every image (CLIP score = 100 * max(cos, 0); the judge's verdict where the shapes world has one).
 
 One generator seeded with ``sample.seed`` draws fixed batches in order, so the same seed and settings
@@ -158,7 +159,8 @@ def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: in
     rows = torch.arange(len(prompts), device=device).repeat_interleave(s.n_per_prompt * max(1, s.rerank_candidates))
     cond = bridge_text(gen, text[rows], s, torch.Generator(device=device).manual_seed(s.seed))
     prompt = text[rows]
-    target = {"prompt": prompt, "condition": cond, "both": F.normalize(prompt + cond, dim=-1)}[s.rerank_against]
+    target = {"prompt": prompt, "condition": cond,
+              "both": F.normalize(s.rerank_prompt_weight * prompt + cond, dim=-1)}[s.rerank_against]
     images, scores, draws = draw(gen, cond, target, s, batch_size)
     if s.rerank_against != "prompt":  # the CLIP score reported is always against the prompt
         scores = clip_scores(gen.clip, images, prompt[draws].cpu())

@@ -51,6 +51,20 @@ def test_rerank_against_the_condition_keeps_the_best_match_to_each_draws_own_con
     assert np.allclose(kept.clip_scores, clip_scores(gen.clip, pool[kept.draws], text.repeat(2, 1)), atol=1e-4)
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.25])
+def test_rerank_against_both_weights_the_prompt_beside_each_draws_condition(gen, tiny_run, weight):
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=16, knn_spread=0.5, n_per_prompt=4,
+                            rerank_candidates=3, rerank_against="both", rerank_prompt_weight=weight, seed=3)
+    kept = generate(gen, ["a green square"], s)
+    text = gen.clip.encode_texts(["a green square"])
+    cond = bridge_text(gen, text.repeat(12, 1), s, torch.Generator().manual_seed(3))
+    pool, _, _ = draw(gen, cond, cond, dataclasses.replace(s, rerank_candidates=0))  # all 12 candidates
+    scores = clip_scores(gen.clip, pool, F.normalize(weight * text + cond, dim=-1))
+    assert kept.draws == [int(scores[i:i + 3].argmax()) + i for i in range(0, 12, 3)]
+    if weight == 0:  # the condition alone
+        assert kept.draws == generate(gen, ["a green square"], dataclasses.replace(s, rerank_against="condition")).draws
+
+
 def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation(gen, tiny_run):
     from clipgen.index import NeighbourIndex, build_index
 
