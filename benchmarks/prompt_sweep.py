@@ -43,7 +43,8 @@ def settings(cfg, args) -> list[dict]:
                                                        (int(v) for v in args.rerank.split(","))):
             varied = rerank > 1 and bridge != "none"  # without a bridge the condition is the prompt
             for against in args.rerank_against.split(",") if varied else ["prompt"]:
-                weights = args.prompt_weights.split(",") if against == "both" else [cfg.sample.rerank_prompt_weight]
+                weights = args.prompt_weights.split(",") if against == "both" and args.prompt_weights \
+                    else [cfg.sample.rerank_prompt_weight]
                 out.extend({"bridge": bridge, "knn_spread": spread, "cfg_scale": scale, "rerank_candidates": rerank,
                             "rerank_against": against, "rerank_prompt_weight": float(w)} for w in weights)
     return out
@@ -57,7 +58,8 @@ def main() -> None:
     parser.add_argument("--rerank", default="0,4")
     parser.add_argument("--spreads", default="0.5", help="sample.knn_spread values for the knn bridge")
     parser.add_argument("--rerank-against", default="prompt,condition")
-    parser.add_argument("--prompt-weights", default="1", help="sample.rerank_prompt_weight values (rerank against both)")
+    parser.add_argument("--prompt-weights", default="", help="sample.rerank_prompt_weight values for re-ranking "
+                        "against both; default: the run's")
     parser.add_argument("--out", help="also write the report here (JSON, rewritten after each setting)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides naming which transformer to sweep, e.g. --set gpt.steps=1000")
