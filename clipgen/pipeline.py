@@ -19,6 +19,7 @@ import yaml
 
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
 from clipgen.config import ConfigError, PipelineConfig
+from clipgen.data.shard_parts import SHARD_CODE_VERSION
 from clipgen.data.shards import damaged_shards
 from clipgen.fanout import MapFn, serial_map
 from clipgen.stages import (
@@ -51,7 +52,7 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("shards", "ingest", "shards", (), "4", ingest_stage.shards_config, ingest_stage.build_shards,
+    Step("shards", "ingest", "shards", (), SHARD_CODE_VERSION, ingest_stage.shards_config, ingest_stage.build_shards,
          damaged=damaged_shards),
     Step("judge", "ingest", "judge", (), "2", ingest_stage.judge_config, ingest_stage.build_judge,
          applies=lambda cfg: cfg.data.source == "world"),

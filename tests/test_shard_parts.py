@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,22 +76,68 @@ def test_a_killed_world_ingest_keeps_its_finished_shards(tmp_path):
     assert (root / "manifest.json").read_bytes() == (tmp_path / "whole" / "manifest.json").read_bytes()
 
 
-def test_folder_slices_keep_their_place_when_inputs_are_skipped(tmp_path: Path):
-    """Bad inputs shorten their slice's shard and never shift later inputs into it; a slice of only bad inputs
-    leaves a numbered gap. So each shard's content is fixed by its slice alone, and a task can write it."""
-    names = sorted((f"image-{i}.png" for i in range(8)), key=make_key)  # the order ingest shards them in
+def test_folder_shards_are_key_ranges_and_skipped_inputs_never_shift_others(tmp_path: Path):
+    """A shard holds the inputs whose keys fall in its range (8 inputs at shard_size 2: 4 ranges); bad inputs
+    shorten their own shard, and a range of only bad inputs leaves a record and a numbered gap. So each
+    shard's content is fixed by its range alone, and a task can write it."""
+    names = [f"image-{i}.png" for i in range(8)]
+    shard_of = {name: int(make_key(name), 16) * 4 >> 64 for name in names}
+    empty = shard_of[names[0]]  # every input of this range is bad
+    bad = {name for name in names if shard_of[name] == empty} | {names[-1]}
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, name in enumerate(names):
-        if i in (0, 1, 4):
+        if name in bad:
             (folder / name).write_bytes(b"not an image")
         else:
             noise_image(i).save(folder / name)
     data = DataConfig(source="folder", path=str(folder), image_size=32, shard_size=2, workers=1, heldout_fraction=0.0)
     manifest = ingest_folder(data, tmp_path / "shards")
+    good = Counter(shard_of[name] for name in names if name not in bad)
     assert [(info["shard"], info["count"]) for info in manifest["shards"]["train"]] == \
-        [("train/00001.tar", 2), ("train/00002.tar", 1), ("train/00003.tar", 2)]
-    assert manifest["inputs"] == {"tried": 8, "kept": 5, "skipped": 3}
-    assert sorted(s["input"] for s in manifest["skipped"]) == sorted(names[i] for i in (0, 1, 4))
-    assert json.loads((tmp_path / "shards" / "train" / "00000.part.json").read_text())["shard"] is None
-    assert not (tmp_path / "shards" / "train" / "00000.tar").exists()
+        [(f"train/{i:05d}.tar", good[i]) for i in sorted(good)]
+    assert manifest["inputs"] == {"tried": 8, "kept": 8 - len(bad), "skipped": len(bad)}
+    assert sorted(s["input"] for s in manifest["skipped"]) == sorted(bad)
+    assert json.loads((tmp_path / "shards" / "train" / f"{empty:05d}.part.json").read_text())["shard"] is None
+    assert not (tmp_path / "shards" / "train" / f"{empty:05d}.tar").exists()
+
+
+def test_a_changed_folder_decodes_only_the_shards_whose_files_changed(tmp_path: Path):
+    """A new folder artifact links every shard of unchanged inputs and settings from the run's other shard
+    artifacts, and decodes only the ranges that gained, lost or changed a file; the result is byte for byte
+    a cold ingest of the changed folder. Other settings (image size) reuse nothing."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(24):
+        noise_image(i).save(folder / f"image-{i}.png")
+    data = DataConfig(source="folder", path=str(folder), image_size=32, shard_size=4, workers=1, heldout_fraction=0.0)
+    shards = tmp_path / "run" / "shards"
+    ingest_folder(data, shards / "before")
+
+    added, removed, edited = "image-new.png", "image-3.png", "image-7.png"
+    noise_image(100).save(folder / added)
+    (folder / removed).unlink()
+    noise_image(101).save(folder / edited)
+    touched = {f"train/{int(make_key(name), 16) * 8 >> 64:05d}" for name in (added, removed, edited)}
+
+    def counting_map(fn, plans):
+        decoded.extend(plan.name for plan in plans)
+        return [fn(plan) for plan in plans]
+
+    decoded: list[str] = []
+    after = ingest_folder(data, shards / "after", counting_map)
+    assert sorted(decoded) == sorted(touched)
+    for info in after["shards"]["train"]:
+        linked = (shards / "before" / info["shard"]).exists() and \
+            (shards / "after" / info["shard"]).stat().st_ino == (shards / "before" / info["shard"]).stat().st_ino
+        assert linked == (info["shard"][:-4] not in touched), info["shard"]
+
+    cold = ingest_folder(data, tmp_path / "elsewhere" / "shards" / "cold")
+    assert cold == after
+    for info in after["shards"]["train"]:
+        assert (shards / "after" / info["shard"]).read_bytes() == \
+            (tmp_path / "elsewhere" / "shards" / "cold" / info["shard"]).read_bytes()
+
+    decoded.clear()
+    ingest_folder(DataConfig(**{**vars(data), "image_size": 16}), shards / "smaller", counting_map)
+    assert len(decoded) == len(after["shards"]["train"])

@@ -4,10 +4,11 @@ Both sources end in the same place: every input is read as bytes, decoded and re
 :func:`clipgen.data.images.load_rgb`, and written as ``KEY.jpg`` + ``KEY.json`` to
 ``root/{train,heldout}/NNNNN.tar`` with a ``manifest.json`` that counts every skipped input by reason and
 every odd-but-valid input by note. Keys are hashes of the input's name (relative path or URL), and the
-split is a hash of the key. Each split's inputs, in key order (a fixed pseudo-random order, so one class
-folder never fills a shard), are cut into ``data.shard_size`` slices, one shard each, written as one task
-each (:mod:`clipgen.data.shard_parts`): a rerun gives byte-identical shards, and a rerun after a kill keeps
-the finished ones. A slice whose inputs are partly skipped gives a shorter shard.
+split is a hash of the key. Each split's inputs are cut by ranges of their keys (a fixed pseudo-random order,
+so one class folder never fills a shard) into shards of about ``data.shard_size / 2`` to ``data.shard_size``,
+written as one task each (:mod:`clipgen.data.shard_parts`): a rerun gives byte-identical shards, a rerun after
+a kill keeps the finished ones, and a changed folder decodes only the shards whose files changed. A range
+whose inputs are partly skipped gives a shorter shard.
 
 URL lists are downloaded with img2dataset (raw bytes, no re-encoding) in resumable parts
 (:mod:`clipgen.data.download`), then go through the same decoder.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -36,9 +38,10 @@ from clipgen.data.download import (
 )
 from clipgen.data.images import Decoded, decode_source, os_reason
 from clipgen.data.shard_parts import (
+    SHARD_CODE_VERSION,
     ShardPlan,
     manifest_from_records,
-    plans_by_slice,
+    plans_by_key_range,
     worker_pool,
     write_part,
     write_plans,
@@ -57,6 +60,7 @@ class Candidate(NamedTuple):
     split: str
     source: tuple[str, int, int]  # (file, byte offset, length or -1): where the worker reads the bytes
     meta: dict[str, Any]  # written into KEY.json beside the decoder's fields
+    stamp: str = ""  # a folder file's size and modification time: a shard of unchanged stamps can be reused
 
 
 # ----------------------------------------------------------------------------------------- shared
@@ -93,14 +97,16 @@ class WriteDecodedShard(NamedTuple):
 
 
 def write_candidates(candidates: list[Candidate], data: DataConfig, root: Path, source: str,
-                     skipped: list[Skipped], map_fn: MapFn | None) -> dict:
+                     skipped: list[Skipped], map_fn: MapFn | None, reuse_from: Iterable[Path] = ()) -> dict:
     """Decode and shard every candidate, one shard per task through ``map_fn``; write the manifest (with
-    ``skipped``, the inputs dropped before decoding) and return it. Refuses a dataset with no usable image."""
-    candidates = sorted(candidates, key=lambda c: c.key)
+    ``skipped``, the inputs dropped before decoding) and return it. Finished shards of the same inputs and
+    settings are linked from the artifact roots ``reuse_from`` instead. Refuses a dataset with no usable image."""
+    context = json.dumps({"code": SHARD_CODE_VERSION, "image_size": data.image_size, "max_pixels": data.max_pixels,
+                          "min_side": data.min_side}, sort_keys=True)
     plans = [plan for split in SPLITS
-             for plan in plans_by_slice(split, [c for c in candidates if c.split == split], data.shard_size,
-                                        lambda c: c.key)]
-    records = write_plans(root, plans, WriteDecodedShard(data, str(root)), map_fn)
+             for plan in plans_by_key_range(split, [c for c in candidates if c.split == split], data.shard_size,
+                                            lambda c: c.key, lambda c: f"{c.key} {c.stamp}", context)]
+    records = write_plans(root, plans, WriteDecodedShard(data, str(root)), map_fn, reuse_from)
     manifest = manifest_from_records(root, source, SPLITS, plans, records, skipped)
     if manifest["inputs"]["kept"] == 0:
         raise IngestError(f"{source}: no usable image among {manifest['inputs']['skipped']} inputs; skipped by "
@@ -133,7 +139,9 @@ def ingest_folder(data: DataConfig, root: Path, map_fn: MapFn | None = None) -> 
     candidates = [_file_candidate(folder, name, data.heldout_fraction) for name in names]
     if len({c.key for c in candidates}) != len(candidates):
         raise IngestError(f"two paths under {data.path!r} hash to the same key; rename one of them")
-    return write_candidates(candidates, data, Path(root), f"folder:{data.path}", skipped, map_fn)
+    parent = Path(root).parent  # the run's shards folder: its other artifacts may hold shards to reuse
+    others = sorted(p for p in parent.iterdir() if p.is_dir() and p != Path(root)) if parent.is_dir() else []
+    return write_candidates(candidates, data, Path(root), f"folder:{data.path}", skipped, map_fn, others)
 
 
 def check_source(data: DataConfig) -> None:
@@ -196,7 +204,12 @@ def _file_problem(path: str) -> str | None:
 def _file_candidate(folder: Path, name: str, heldout_fraction: float) -> Candidate:
     key = make_key(name)
     split = split_of(key, heldout_fraction)
-    return Candidate(key, name, split, (str(folder / name), 0, -1), {"source_path": name, "split": split})
+    try:
+        info = os.stat(folder / name)
+        stamp = f"{info.st_size}:{info.st_mtime_ns}"
+    except OSError:  # gone since the listing: the decoder skips it with its reason, and nothing is reused
+        stamp = "unreadable"
+    return Candidate(key, name, split, (str(folder / name), 0, -1), {"source_path": name, "split": split}, stamp)
 
 
 # ------------------------------------------------------------------------------------------- URLs

@@ -1,15 +1,18 @@
 """Ingest one shard per task: a plan for each shard, a record beside each finished one, the manifest from them.
 
 Every ingest source (the shapes world, an image folder, a downloaded URL list) cuts its inputs into
-:class:`ShardPlan` s fixed by the inputs alone: the world by index ranges, a folder or URL list by
-consecutive slices of each split's key-sorted inputs. So shard ``train/00003.tar`` holds the same inputs
+:class:`ShardPlan` s fixed by the inputs alone: the world by index ranges, a folder or URL list by ranges of
+its inputs' hashed keys (:func:`plans_by_key_range`). So shard ``train/00003.tar`` holds the same inputs
 whichever task, worker or run writes it, and the plans can be mapped on the task runner (threads or Dask)
 like the embed and tokenize jobs.
 
 A task writes its tar atomically, then ``NNNNN.part.json``: the shard's size and digest, the inputs it
 skipped and why, and a digest of the plan's inputs. A rerun after a kill keeps every shard whose record
 matches its plan and its tar's size, and writes only the rest; the manifest is assembled from the records.
-A plan whose inputs were all skipped leaves a record and no tar, so shard numbers can have gaps.
+A plan whose inputs were all skipped leaves a record and no tar, so shard numbers can have gaps. A changed
+image folder is a new artifact, and it links every shard whose inputs (names, sizes, modification times) and
+settings are unchanged from the run's other shard artifacts (:func:`reuse_finished`): only the shards that
+hold added, removed or edited files are decoded again.
 
 The work inside a task (rendering, decoding) goes to one pool of ``data.workers`` processes that the threads
 of the default task runner share (:func:`worker_pool`); on Dask each worker process works in place, as the
@@ -20,6 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -29,9 +35,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from clipgen.artifacts import write_json_atomic
+from clipgen.artifacts import atomic_path, write_json_atomic
 from clipgen.data.shards import Sample, ShardInfo, Skipped, write_manifest, write_shard
 from clipgen.fanout import MapFn, serial_map
+
+# The shards step's code version (clipgen.pipeline); also in every folder plan's context, so a shard is never
+# reused across a change of the code that writes it. 5: folder and URL-list shards by key ranges.
+SHARD_CODE_VERSION = "5"
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,8 @@ class ShardPlan:
     split: str
     index: int
     inputs: tuple  # the world: (start, stop) of sample indices; a folder or URL list: its Candidates
-    input_names: tuple[str, ...]  # the keys (or index range) that identify the inputs, for the record
+    input_names: tuple[str, ...]  # what identifies the inputs (keys, index range, file stamps), for the record
+    context: str = ""  # what else the shard's bytes depend on (decoder settings, code version)
 
     @property
     def name(self) -> str:
@@ -53,13 +64,23 @@ class ShardPlan:
 
     @property
     def inputs_digest(self) -> str:
-        return hashlib.sha256("\n".join(self.input_names).encode("utf-8", "surrogateescape")).hexdigest()
+        text = "\n".join((self.context, *self.input_names))
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def plans_by_slice(split: str, items: list, size: int, name: Callable[[Any], str]) -> list[ShardPlan]:
-    """Consecutive ``size``-item slices of ``items`` (already in their fixed order), one plan each."""
-    return [ShardPlan(split, i // size, tuple(items[i:i + size]), tuple(name(x) for x in items[i:i + size]))
-            for i in range(0, len(items), size)]
+def plans_by_key_range(split: str, items: list, size: int, key: Callable[[Any], str], name: Callable[[Any], str],
+                       context: str = "") -> list[ShardPlan]:
+    """Plans that cut ``items`` by ranges of their hex hash ``key``: shard ``i`` of ``n`` holds the keys in the
+    ``i``-th ``n``-th of the key space, where ``n`` is the power of two at or above ``len(items) / size`` (so
+    about ``size / 2`` to ``size`` items a shard). Adding or removing an item then changes only the shard it
+    falls in (until the count crosses a power of two), which lets a changed folder reuse the other shards.
+    Empty ranges get no plan, so shard numbers can have gaps."""
+    n = 1 << max(0, math.ceil(math.log2(max(1, len(items)) / size)))
+    buckets: dict[int, list] = {}
+    for item in sorted(items, key=key):
+        buckets.setdefault(int(key(item), 16) * n >> (4 * len(key(item))), []).append(item)
+    return [ShardPlan(split, i, tuple(group), tuple(name(x) for x in group), context)
+            for i, group in sorted(buckets.items())]
 
 
 def record_path(root: Path, plan: ShardPlan) -> Path:
@@ -94,10 +115,13 @@ def finished_record(root: Path, plan: ShardPlan) -> dict | None:
 
 
 def write_plans(root: Path, plans: list[ShardPlan], task: Callable[[ShardPlan], None],
-                map_fn: MapFn | None = None) -> list[dict]:
+                map_fn: MapFn | None = None, reuse_from: Iterable[Path] = ()) -> list[dict]:
     """Run ``task`` (picklable) on every plan without a finished record, through ``map_fn`` (serial when
-    None); return every plan's record, in plan order."""
-    todo = [plan for plan in plans if finished_record(root, plan) is None]
+    None); return every plan's record, in plan order. A plan that a folder in ``reuse_from`` (another
+    artifact's root) holds finished, with the same inputs digest, is linked from there instead."""
+    reuse_from = list(reuse_from)
+    todo = [plan for plan in plans
+            if finished_record(root, plan) is None and not reuse_finished(root, plan, reuse_from)]
     try:
         (map_fn or serial_map)(task, todo)
     finally:
@@ -109,6 +133,24 @@ def write_plans(root: Path, plans: list[ShardPlan], task: Callable[[ShardPlan], 
             raise RuntimeError(f"ingest task for {plan.name} finished without writing its shard record")
         records.append(record)
     return records
+
+
+def reuse_finished(root: Path, plan: ShardPlan, sources: Iterable[Path]) -> bool:
+    """Hard-link (or copy) the plan's finished shard and its record from the first of ``sources`` that has
+    them; False when none has. The tar lands before the record, so a kill between them leaves no record."""
+    for source in sources:
+        record = finished_record(source, plan)
+        if record is None:
+            continue
+        if record["shard"] is not None:
+            with atomic_path(Path(root) / record["shard"]["shard"]) as tmp:
+                try:
+                    os.link(Path(source) / record["shard"]["shard"], tmp)
+                except OSError:  # another filesystem, or links not allowed
+                    shutil.copyfile(Path(source) / record["shard"]["shard"], tmp)
+        write_json_atomic(record_path(root, plan), record)
+        return True
+    return False
 
 
 def manifest_from_records(root: Path, source: str, splits: Iterable[str], plans: list[ShardPlan],
