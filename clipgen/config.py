@@ -62,7 +62,7 @@ class DataConfig:
     url_column: str = "url"
     caption_column: str | None = None  # copied into the shard json for evaluation only; never trained on
     image_size: int = 32
-    shard_size: int = 2000
+    shard_size: int = 2000  # samples per tar; folders and URL lists: about half to all of it (key ranges)
     heldout_fraction: float = 0.02  # folder/urls: fraction of keys reserved for evaluation
     max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's own limit)
     min_side: int = 8  # images with a smaller side are skipped as too small to be useful
