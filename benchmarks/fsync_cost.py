@@ -65,16 +65,22 @@ def build_shards(tmp: str) -> None:
         run_step(load_config("pipelines/shapes.yaml", [f"run_dir={run_dir}"]), "shards")
 
 
-def save_checkpoints(tmp: str, count: int) -> None:
+def checkpoint_saves(tmp: str, count: int):
+    """The timed work: ``count`` checkpoints of the tiny transformer, whose model and AdamW state (with its
+    moments, as in a real checkpoint) are built here, once, outside the timing."""
     cfg = load_config("pipelines/shapes.yaml", [])
     model = GPT(model_shape(cfg.gpt, 1000, 64, 128))
     opt = make_optimizer(model, cfg.gpt)
     model(torch.zeros(2, 128), torch.zeros(2, 64, dtype=torch.long)).float().mean().backward()
-    opt.step()  # the optimiser state exists, as in a real checkpoint
-    with tempfile.TemporaryDirectory(dir=tmp) as root:
-        for step in range(count):
-            loop.save_checkpoint(Path(root), step, {"model": model.state_dict()}, {"bench": True},
-                                 {"optimizers": {"gpt": opt.state_dict()}, "rng": [loop.rng_state()]})
+    opt.step()
+    state = {"optimizers": {"gpt": opt.state_dict()}, "rng": [loop.rng_state()]}
+
+    def work() -> None:
+        with tempfile.TemporaryDirectory(dir=tmp) as root:
+            for step in range(count):
+                loop.save_checkpoint(Path(root), step, {"model": model.state_dict()}, {"bench": True}, state)
+
+    return work
 
 
 def measure(name: str, work, repeats: int) -> dict:
@@ -88,7 +94,7 @@ def measure(name: str, work, repeats: int) -> dict:
                 work()
                 times[mode].append(time.perf_counter() - start)
     on, off = statistics.median(times["fsync"]), statistics.median(times["no_fsync"])
-    return {"measure": name, "seconds_with_fsync": round(on, 3), "seconds_without": round(off, 3),
+    return {"measure": name, "seconds_with_fsync": round(on, 4), "seconds_without": round(off, 4),
             "ratio": round(on / off, 3), "fsync_calls_per_run": meter.calls // (2 * repeats),
             "seconds_inside_fsync_per_run": round(meter.seconds / repeats, 3), "all_seconds": times}
 
@@ -102,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     report = Report("fsync_cost", torch.device("cpu"), {"repeats": args.repeats, "checkpoints": args.checkpoints,
                                                         "tmp": args.tmp or tempfile.gettempdir()}, args.out)
-    report.add(measure("checkpoint", lambda: save_checkpoints(args.tmp, args.checkpoints), args.repeats))
+    report.add(measure("checkpoint", checkpoint_saves(args.tmp, args.checkpoints), args.repeats))
     report.add(measure("shards", lambda: build_shards(args.tmp), args.repeats))
     print(report.body)
 

@@ -78,7 +78,8 @@ def plans_by_key_range(split: str, items: list, size: int, key: Callable[[Any], 
     n = 1 << max(0, math.ceil(math.log2(max(1, len(items)) / size)))
     buckets: dict[int, list] = {}
     for item in sorted(items, key=key):
-        buckets.setdefault(int(key(item), 16) * n >> (4 * len(key(item))), []).append(item)
+        digits = key(item)
+        buckets.setdefault(int(digits, 16) * n >> (4 * len(digits)), []).append(item)
     return [ShardPlan(split, i, tuple(group), tuple(name(x) for x in group), context)
             for i, group in sorted(buckets.items())]
 
@@ -143,11 +144,12 @@ def reuse_finished(root: Path, plan: ShardPlan, sources: Iterable[Path]) -> bool
         if record is None:
             continue
         if record["shard"] is not None:
-            with atomic_path(Path(root) / record["shard"]["shard"]) as tmp:
+            tar = record["shard"]["shard"]  # e.g. train/00003.tar, the same path in both roots
+            with atomic_path(Path(root) / tar) as tmp:
                 try:
-                    os.link(Path(source) / record["shard"]["shard"], tmp)
+                    os.link(Path(source) / tar, tmp)
                 except OSError:  # another filesystem, or links not allowed
-                    shutil.copyfile(Path(source) / record["shard"]["shard"], tmp)
+                    shutil.copyfile(Path(source) / tar, tmp)
         write_json_atomic(record_path(root, plan), record)
         return True
     return False
