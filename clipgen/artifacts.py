@@ -195,6 +195,15 @@ def _fsync_tree(path: Path) -> None:
         _fsync(path)
 
 
+def link_or_copy(source: Path, dest: Path) -> None:
+    """Put ``source``'s bytes at ``dest`` atomically: a hard link where the filesystem allows, else a copy."""
+    with atomic_path(Path(dest)) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copyfile(source, tmp)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

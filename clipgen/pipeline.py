@@ -30,6 +30,7 @@ from clipgen.stages import (
     gpt_stage,
     ingest_stage,
     vqgan_stage,
+    write_recipe,
 )
 from clipgen.train.launch import launch_step, wants_torchrun
 
@@ -118,10 +119,15 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
                 f"step {name!r} needs the {n!r} artifact {art.path}, which is not built; "
                 f"run the {STEPS_BY_NAME[n].stage!r} stage first (or run without --stages)")
     artifact = artifacts[name]
-    if step.distributed and wants_torchrun(cfg):  # every rank builds the step under torchrun
-        build = lambda out: launch_step(cfg, name, out)  # noqa: E731
-    else:
-        build = lambda out: step.build(cfg, inputs, out, map_fn)  # noqa: E731
+    recipe = {"step": name, "config": step.config(cfg), "inputs": {n: a.id for n, a in inputs.items()},
+              "code_version": step.code_version}
+
+    def build(out: Path) -> dict[str, Any]:
+        write_recipe(out, recipe)  # what the id hashes, readable: lets a later artifact reuse per-shard work
+        if step.distributed and wants_torchrun(cfg):  # every rank builds the step under torchrun
+            return launch_step(cfg, name, out)
+        return step.build(cfg, inputs, out, map_fn)
+
     summary = run_cached(artifact, build, stage=name, wait=cfg.orchestration.wait_for_locks, damaged=step.damaged)
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
 

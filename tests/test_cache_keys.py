@@ -79,3 +79,55 @@ def test_status_prints_which_step_reads_which(tmp_path, capsys):
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "reads shards, toyclip " in rows["embeddings"] and "reads - " in rows["shards"]
     assert "reads gpt, vqgan, embeddings, toyclip, shards, judge " in rows["samples"]
+
+
+def test_a_changed_folder_embeds_only_the_shards_whose_files_changed(tmp_path, monkeypatch):
+    """After a folder change the new embed artifact links each unchanged shard's embeddings from the run's
+    earlier one (the same CLIP and settings) and embeds only the shards whose bytes changed, with the
+    embeddings a cold run gives; another setting of the step reuses nothing."""
+    import clipgen.embed as embed_module
+    from clipgen.data.shards import read_manifest
+    from clipgen.embed import cache_files, read_embeddings
+    from clipgen.pipeline import run_step
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(32):
+        noise_image(i).save(folder / f"image-{i}.png")
+    settings = ["data.source=folder", f"data.path={folder}", "data.shard_size=4", "data.workers=1",
+                "data.heldout_fraction=0.25", "clip.model=ViT-B-32", "clip.pretrained=null"]
+
+    def embed(run_dir, *more):
+        cfg = load_config("pipelines/shapes.yaml", [*settings, *more, f"run_dir={run_dir}"])
+        embedded.clear()
+        for step in ("shards", "embeddings"):
+            run_step(cfg, step)
+        return plan(cfg)
+
+    real = embed_module.embed_shards
+    monkeypatch.setattr(embed_module, "embed_shards", lambda clip, jobs, *a, **k: embedded.extend(
+        f"{out.parent.name}/{out.stem}" for _, out in jobs) or real(clip, jobs, *a, **k))
+    embedded: list[str] = []
+    before = embed(tmp_path / "run")
+    noise_image(100).save(folder / "image-new.png")
+    (folder / "image-3.png").unlink()
+    noise_image(101).save(folder / "image-7.png")
+    after = embed(tmp_path / "run")
+
+    def digests(arts):
+        manifest = read_manifest(arts["shards"].path)
+        return {info["shard"][:-4]: info["sha256"] for infos in manifest["shards"].values() for info in infos}
+
+    old, new = digests(before), digests(after)
+    changed = sorted(name for name, digest in new.items() if digest not in old.values())
+    assert 0 < len(changed) < len(new) and sorted(embedded) == changed
+    for name in new:
+        file = after["embeddings"].path / f"{name}.parquet"
+        linked = file.stat().st_ino == (before["embeddings"].path / f"{name}.parquet").stat().st_ino
+        assert linked == (name not in changed), name
+    cold = embed(tmp_path / "cold")
+    for split in ("train", "heldout"):
+        got, want = (read_embeddings(cache_files(arts["embeddings"].path, split)) for arts in (after, cold))
+        assert got.keys == want.keys and np.array_equal(got.vectors, want.vectors)
+    embed(tmp_path / "run", "clip.ivfpq_min_size=100000")
+    assert len(embedded) == len(new)

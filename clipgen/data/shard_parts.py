@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -35,7 +33,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from clipgen.artifacts import atomic_path, write_json_atomic
+from clipgen.artifacts import link_or_copy, write_json_atomic
 from clipgen.data.shards import Sample, ShardInfo, Skipped, write_manifest, write_shard
 from clipgen.fanout import MapFn, serial_map
 
@@ -145,11 +143,7 @@ def reuse_finished(root: Path, plan: ShardPlan, sources: Iterable[Path]) -> bool
             continue
         if record["shard"] is not None:
             tar = record["shard"]["shard"]  # e.g. train/00003.tar, the same path in both roots
-            with atomic_path(Path(root) / tar) as tmp:
-                try:
-                    os.link(Path(source) / tar, tmp)
-                except OSError:  # another filesystem, or links not allowed
-                    shutil.copyfile(Path(source) / tar, tmp)
+            link_or_copy(Path(source) / tar, Path(root) / tar)
         write_json_atomic(record_path(root, plan), record)
         return True
     return False

@@ -5,14 +5,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipgen.data.shards import shard_paths
+from clipgen.artifacts import link_or_copy, write_json_atomic
+from clipgen.data.shards import read_manifest, shard_paths
 
 log = logging.getLogger("clipgen")
 
@@ -34,6 +36,65 @@ def pending_shard_jobs(verb: str, shard_root: Path, splits: tuple[str, ...], out
     jobs = [ShardJob(verb, shard, out / split / f"{shard.stem}.parquet")
             for split in splits for shard in shard_paths(shard_root, split)]
     return [job for job in jobs if not job.out.is_file() or parquet_problem(job.out, remove=True)]
+
+
+RECIPE = "recipe.json"  # in every artifact: its step, config, input ids by name and code version
+
+
+def write_recipe(out: Path, recipe: dict[str, Any]) -> None:
+    write_json_atomic(out / RECIPE, json.loads(json.dumps(recipe, sort_keys=True, default=str)))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _shard_digests(shard_root: Path) -> dict[str, str]:
+    """``split/NNNNN`` -> sha256 of each shard in an ingest artifact's manifest (empty if it has none)."""
+    try:
+        manifest = read_manifest(shard_root)
+    except (OSError, ValueError):
+        return {}
+    return {info["shard"].removesuffix(".tar"): info["sha256"] for infos in manifest["shards"].values()
+            for info in infos}
+
+
+def reuse_other_shards_work(jobs: list[ShardJob], out: Path, shard_root: Path,
+                            sidecars: tuple[str, ...] = ()) -> list[ShardJob]:
+    """Link each job's output (and its ``sidecars``, suffixes such as ``.skipped.json``) from another artifact
+    of this kind that the same recipe built from other shards, where one of those shards has the same
+    sha256 as the job's; return the jobs still to do. A folder that gained or lost a few files keeps most of
+    its shards byte for byte (:mod:`clipgen.data.shard_parts`), so only the changed ones are worked again."""
+    own = _read_json(out / RECIPE)
+    if not jobs or own is None or "shards" not in own["inputs"]:
+        return jobs
+    ours = _shard_digests(shard_root)
+    waiting = {ours[f"{job.out.parent.name}/{job.shard.stem}"]: job for job in jobs
+               if f"{job.out.parent.name}/{job.shard.stem}" in ours}
+    same_recipe = lambda r: r is not None and {**r, "inputs": {**r["inputs"], "shards": None}} == \
+        {**own, "inputs": {**own["inputs"], "shards": None}}  # noqa: E731
+    reused = []
+    for other in sorted(p for p in out.parent.iterdir() if p.is_dir() and p != out):
+        recipe = _read_json(other / RECIPE)
+        if not waiting or not same_recipe(recipe):
+            continue
+        for name, digest in _shard_digests(shard_root.parent / recipe["inputs"]["shards"]).items():
+            source = other / f"{name}.parquet"
+            if digest not in waiting or not source.is_file() or parquet_problem(source):
+                continue
+            job = waiting.pop(digest)
+            for suffix in sidecars:  # before the Parquet file, whose presence marks the job done
+                if source.with_suffix(suffix).is_file():
+                    link_or_copy(source.with_suffix(suffix), job.out.with_suffix(suffix))
+            link_or_copy(source, job.out)
+            reused.append(job)
+    if reused:
+        log.info("%s: reused %d of %d shards' files from artifacts built from the same shards", jobs[0].verb,
+                 len(reused), len(jobs))
+    return [job for job in jobs if job not in reused]
 
 
 def parquet_problem(path: Path, remove: bool = False) -> str | None:

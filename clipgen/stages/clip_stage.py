@@ -22,7 +22,7 @@ from clipgen.config import PipelineConfig, to_dict
 from clipgen.cores import free_cpu_threads, torch_threads
 from clipgen.data.images_array import decode_image
 from clipgen.data.shards import iter_shard, shard_paths
-from clipgen.stages import ShardJob, pending_shard_jobs
+from clipgen.stages import ShardJob, pending_shard_jobs, reuse_other_shards_work
 
 EMBED_SPLITS = ("train", "heldout")
 # Zero-shot probes: each class embedding is the mean over these templates (CLIP prompt ensembling).
@@ -179,7 +179,9 @@ def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path
     from clipgen.index import build_index, save_index
 
     embed = EmbedShards(cfg.clip.model, clip_weights(cfg, inputs), cfg.clip.batch_size, cfg.clip.decoder)
-    map_fn(embed, group_jobs(pending_shard_jobs("embed", inputs["shards"].path, EMBED_SPLITS, out)))
+    shards = inputs["shards"].path
+    jobs = pending_shard_jobs("embed", shards, EMBED_SPLITS, out)
+    map_fn(embed, group_jobs(reuse_other_shards_work(jobs, out, shards, sidecars=(".skipped.json",))))
     train = read_embeddings(cache_files(out, "train"))
     save_index(build_index(train.vectors, cfg.clip.index, cfg.clip.ivfpq_min_size), train.keys, out)
     skipped = sum(len(json.loads(p.read_text())) for p in out.glob("*/*.skipped.json"))
