@@ -53,6 +53,9 @@ def cumulative(start: list[str], steps: list[tuple[str, list[str]]]) -> list[dic
 VARIANTS = cumulative(BEFORE, STEPS)
 VARIANTS += cumulative(VARIANTS[1]["overrides"], [  # measured beside the shipped path, not taken
     ("not shipped: train noise 0.6 with a weight average (EMA 0.998)", ["gpt.weight_average=0.998"])])
+VARIANTS += [{"name": name, "overrides": VARIANTS[len(STEPS) - 1]["overrides"] + change} for name, change in [
+    ("not shipped: 2-D rotary positions in attention (LlamaGen-style RoPE) on the shipped path", ["gpt.rope_2d=true"]),
+    ("not shipped: 2-D rotary positions, 1000 transformer steps", ["gpt.rope_2d=true", "gpt.steps=1000"])]]
 HEADLINE = ("fd_over_floor", "fd_judge_over_floor", "precision", "recall", "judge_seen", "judge_held_out",
             "judge_shape", "judge_colour", "judge_size", "judge_background", "clip_score")
 

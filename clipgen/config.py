@@ -133,6 +133,7 @@ class GPTConfig:
     n_embd: int = 192
     n_prefix: int = 2  # projected CLIP-embedding prefix tokens
     add_cond_to_tokens: bool = True  # also add a projection of the embedding to every token embedding
+    rope_2d: bool = False  # also rotate attention's queries and keys by each token's grid row and column
     dropout: float = 0.0
     cond_dropout: float = 0.1  # rate of replacing the condition by the learned null embedding (CFG)
     bridge: Literal["none", "noise"] = "noise"  # train-time modality-gap bridging

@@ -98,6 +98,8 @@ def _validate_gpt(cfg: PipelineConfig) -> None:
     for name in ("n_layer", "n_head", "n_embd", "n_prefix", "consistency_every"):
         check(getattr(g, name) >= 1, f"gpt.{name}", "must be >= 1")
     check(g.n_embd % g.n_head == 0, "gpt.n_embd", f"{g.n_embd} must be divisible by gpt.n_head={g.n_head}")
+    check(not g.rope_2d or g.n_embd // g.n_head % 4 == 0, "gpt.rope_2d",
+          f"needs a head width (gpt.n_embd / gpt.n_head = {g.n_embd / g.n_head:g}) divisible by 4")
     check(0.0 <= g.dropout < 1.0, "gpt.dropout", "must be in [0, 1)")
     check(0.0 <= g.cond_dropout < 1.0, "gpt.cond_dropout", "must be in [0, 1)")
     check(0.0 <= g.noise_level <= 2.0, "gpt.noise_level", "must be in [0, 2]")

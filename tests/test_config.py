@@ -52,6 +52,7 @@ def test_int_is_accepted_for_float():
         (["gpt.preset=tiny2"], "unknown preset gpt.preset = 'tiny2'; choose from ['base', 'mid', 'paper', 'tiny']"),
         (["vqgan.quantizer=kmeans"], "vqgan.quantizer = 'kmeans' is not allowed; choose from ['vq', 'fsq']"),
         (["gpt.n_head=5"], "gpt.n_embd: 192 must be divisible by gpt.n_head=5"),
+        (["gpt.rope_2d=true", "gpt.n_head=32"], "gpt.rope_2d: needs a head width (gpt.n_embd / gpt.n_head = 6) divisible by 4"),
         (["vqgan.codebook_size=1024"], "product of vqgan.fsq_levels"),
         (["data.source=folder"], "data.path: required when data.source is 'folder'"),
         (["data.image_size=30"], "multiple of the VQGAN downsampling factor 4"),

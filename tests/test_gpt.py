@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from clipgen.models.gpt import GPT, GPTShape, bridge
 from clipgen.sample import Sampling, filter_logits, sample_tokens, sample_tokens_uncached
 
-SHAPE = GPTShape(vocab_size=50, n_tokens=12, cond_dim=16, n_layer=2, n_head=4, n_embd=32, n_prefix=3)
+SHAPE = GPTShape(vocab_size=50, n_tokens=16, cond_dim=16, n_layer=2, n_head=4, n_embd=32, n_prefix=3)
+VARIANTS = {"cond-on-tokens": {}, "prefix-only": {"add_cond_to_tokens": False}, "rope-2d": {"rope_2d": True}}
 
 
-@pytest.fixture(params=[True, False], ids=["cond-on-tokens", "prefix-only"])
+@pytest.fixture(params=list(VARIANTS))
 def model(request):
     torch.manual_seed(0)
-    return GPT(dataclasses.replace(SHAPE, add_cond_to_tokens=request.param)).eval()
+    return GPT(dataclasses.replace(SHAPE, **VARIANTS[request.param])).eval()
 
 
 def batch(b=3, seed=1):
@@ -133,3 +134,32 @@ def test_cpu_bf16_forward_uses_the_written_out_attention_and_stays_close(model, 
         low = model(cond, tokens).float()
     assert len(calls) == SHAPE.n_layer
     assert (low.softmax(-1) - reference.softmax(-1)).abs().max() < 0.02
+
+
+def test_2d_rotary_positions_depend_on_the_grid_offset_only():
+    """Rotated queries and keys score by their 2-D offset: the same pair of vectors one row apart scores
+    the same anywhere in the grid, and differently from a pair one column apart."""
+    from clipgen.models.gpt import grid_rotation, rotate
+
+    shape = dataclasses.replace(SHAPE, rope_2d=True)
+    cos, sin = grid_rotation(shape)
+    head = shape.n_embd // shape.n_head
+    assert cos.shape == (shape.seq_len, head)
+    assert torch.equal(cos[:shape.n_prefix], torch.ones(shape.n_prefix, head))  # the prefix does not turn
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, head, generator=g), torch.randn(1, 1, 1, head, generator=g)
+
+    def score(query_token: int, key_token: int) -> float:
+        at = lambda x, i: rotate(x, cos[shape.n_prefix + i][None], sin[shape.n_prefix + i][None])  # noqa: E731
+        return float((at(q, query_token) * at(k, key_token)).sum())
+
+    side = 4
+    one_row_down = [score(i + side, i) for i in (0, 1, 5, 10)]
+    assert max(one_row_down) - min(one_row_down) < 1e-5
+    assert abs(score(1, 0) - one_row_down[0]) > 1e-3  # one column over is not one row down
+    assert abs(float((rotate(q, cos[5:6], sin[5:6])).norm()) - float(q.norm())) < 1e-5  # a rotation
+
+
+def test_2d_rotary_positions_need_a_square_grid():
+    with pytest.raises(ValueError, match="square token grid"):
+        GPT(dataclasses.replace(SHAPE, n_tokens=12, rope_2d=True))

@@ -2,6 +2,7 @@
 gives the reference loop's tokens, seeded draws equal the plain loop's, and kept samplers stay current.
 The same code under CUDA graphs is checked in tests/test_gpu.py."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,6 +26,15 @@ READS = [("bucket", 4), ("bucket", 5), ("bucket", 64), ("exact", 1)]
 def model():
     torch.manual_seed(0)
     return GPT(SHAPE).eval()
+
+
+def test_2d_rotary_positions_read_on_the_device_give_the_reference_tokens():
+    torch.manual_seed(0)
+    rope = GPT(dataclasses.replace(SHAPE, n_tokens=16, rope_2d=True)).eval()
+    s, cond = Sampling(greedy=True, cfg_scale=2.0), conditions()
+    for attention, bucket in (READS[0], READS[-1]):
+        got = sample_tokens_graphed(rope, cond, s, attention=attention, bucket=bucket, graphs=False)
+        assert torch.equal(got, sample_tokens_uncached(rope, cond, s))
 
 
 def conditions(b=4, seed=1):

@@ -7,6 +7,7 @@ of the (unit-norm) CLIP embedding and ``t`` are the VQGAN codes in raster order.
 direct path for the condition at every position besides attention to the prefix.
 
 * Pre-norm blocks, ``F.scaled_dot_product_attention`` (flash/efficient kernels on CUDA), GELU MLP.
+* Learned absolute positions, plus optional 2-D rotary ones (``rope_2d``, :func:`grid_rotation`).
 * :class:`KVCache` (:mod:`clipgen.models.gpt_cache`) holds each layer's keys and values, preallocated for
   the whole sequence, so sampling is one prefill over the prefix plus one single-token step per image
   token; :meth:`GPT.decode_static` is that step with fixed shapes, for CUDA graphs.
@@ -44,10 +45,40 @@ class GPTShape:
     n_prefix: int
     dropout: float = 0.0
     add_cond_to_tokens: bool = True  # also add a projection of the condition to every token embedding
+    rope_2d: bool = False  # also rotate queries and keys by each token's (row, column) in the grid
 
     @property
     def seq_len(self) -> int:
         return self.n_prefix + self.n_tokens - 1  # the last token is predicted, never fed
+
+
+def grid_rotation(shape: GPTShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary position tables ``(cos, sin)``, each ``[seq_len, head_dim]``.
+
+    The first half of each head's channels turns with the token's grid row, the second half with its
+    column (RoPE, Su et al. 2021, split over two axes as in LlamaGen), so attention between two tokens
+    depends on their 2-D offset. Prefix positions do not turn. The input at sequence position
+    ``n_prefix + i`` is token ``t_i``, at row ``i // side`` and column ``i % side`` of the square grid.
+    """
+    head_dim = shape.n_embd // shape.n_head
+    side = math.isqrt(shape.n_tokens)
+    if side * side != shape.n_tokens or head_dim % 4:
+        raise ValueError(f"gpt.rope_2d needs a square token grid and a head width divisible by 4; got "
+                         f"{shape.n_tokens} tokens and head width {head_dim}")
+    quarter = head_dim // 4  # rotation pairs per axis
+    freqs = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [quarter]
+    index = torch.arange(shape.seq_len) - shape.n_prefix  # [T]: the token index, negative in the prefix
+    row, col = (index // side).clamp(min=0), (index % side) * (index >= 0)
+    angles = torch.cat([row[:, None] * freqs, col[:, None] * freqs], dim=1)  # [T, head_dim / 2]
+    # full width for rotate(): channel j and j + D/2 share an angle; the sine's first half carries the minus
+    return torch.cat([angles.cos()] * 2, dim=1).float(), torch.cat([-angles.sin(), angles.sin()], dim=1).float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [..., T, D]`` with channel pairs ``(j, j + D/2)`` turned by the angles of ``cos, sin [T, D]``
+    (:func:`grid_rotation`): ``(a, b) -> (a cos - b sin, b cos + a sin)``."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([second, first], dim=-1) * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -60,10 +91,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(shape.n_embd, shape.n_embd)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                static: bool = False) -> torch.Tensor:
+                static: bool = False, turn: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, t, c = x.shape  # x: [B, T, C], T new positions (the whole sequence, or 1 when decoding)
         # each of q, k, v: [B, H, T, C/H]
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        if turn is not None:  # 2-D rotary positions: (cos, sin) [T, C/H] of these T positions
+            q, k = rotate(qkv[:2], *turn)  # queries and keys in one go
         if static:  # one token; every shape fixed, the position read on the device
             y = cache.attend_at_position(layer, q, k, v)
             return self.proj(y.transpose(1, 2).reshape(b, t, c))
@@ -107,8 +140,8 @@ class Block(nn.Module):
                                  nn.Linear(4 * shape.n_embd, shape.n_embd), nn.Dropout(shape.dropout))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                static: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer, static)  # [B, T, C] throughout
+                static: bool = False, turn: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer, static, turn)  # [B, T, C] throughout
         return x + self.mlp(self.ln2(x))  # the MLP widens to [B, T, 4C] and back
 
 
@@ -129,6 +162,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
         self.ln_f = nn.LayerNorm(e)
         self.head = nn.Linear(e, shape.vocab_size, bias=False)
+        if shape.rope_2d:  # fixed tables, rebuilt from the shape, never saved
+            cos, sin = grid_rotation(shape)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight") and "cond_proj" not in name or name.endswith("mlp.2.weight"):
@@ -161,10 +198,19 @@ class GPT(nn.Module):
         """The condition's term added to every token embedding (a direct path besides the prefix)."""
         return self.cond_add(cond)[:, None] if self.cond_add is not None else 0.0  # [B, 1, C]
 
+    def _turn(self, positions: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables at ``positions`` (a slice, or indices on the device), or None without them."""
+        if not self.shape.rope_2d:
+            return None
+        if isinstance(positions, slice):
+            return self.rope_cos[positions], self.rope_sin[positions]
+        return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
+
     def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         x = self.drop(x + self.pos_emb[:, start:start + x.shape[1]])  # [B, T, C] at positions start..start+T-1
+        turn = self._turn(slice(start, start + x.shape[1]))
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, turn=turn)
         if cache is not None:
             cache.length += x.shape[1]
         return self.head(self.ln_f(x))  # [B, T, V]
@@ -200,8 +246,9 @@ class GPT(nn.Module):
         (:meth:`KVCache.set_window`). The caller advances ``cache.position`` after each call."""
         x = self.tok_emb(tokens) + cache.token_bias + self.pos_emb[0].index_select(0, cache.position)[None]
         cache.set_window(window or cache.capacity, exact, self._compute_dtype(x.device.type))
+        turn = self._turn(cache.position)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, static=True)
+            x = block(x, cache, i, static=True, turn=turn)
         return self.head(self.ln_f(x))[:, -1]
 
     def _compute_dtype(self, device_type: str) -> torch.dtype:

@@ -95,7 +95,7 @@ class FitResult(NamedTuple):
 def model_shape(cfg: GPTConfig, vocab_size: int, n_tokens: int, cond_dim: int) -> GPTShape:
     return GPTShape(vocab_size=vocab_size, n_tokens=n_tokens, cond_dim=cond_dim, n_layer=cfg.n_layer,
                     n_head=cfg.n_head, n_embd=cfg.n_embd, n_prefix=cfg.n_prefix, dropout=cfg.dropout,
-                    add_cond_to_tokens=cfg.add_cond_to_tokens)
+                    add_cond_to_tokens=cfg.add_cond_to_tokens, rope_2d=cfg.rope_2d)
 
 
 def _run_config(cfg: GPTConfig, train: TrainConfig, shape: GPTShape) -> dict[str, Any]:
