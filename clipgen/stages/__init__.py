@@ -62,6 +62,14 @@ def _shard_digests(shard_root: Path) -> dict[str, str]:
             for info in infos}
 
 
+def _same_but_shards(recipe: dict, other: dict | None) -> bool:
+    """Whether ``other`` is ``recipe`` with (perhaps) other shards: the same step, config, code and other inputs."""
+    if other is None or "shards" not in other.get("inputs", {}):
+        return False
+    return {**other, "inputs": {**other["inputs"], "shards": None}} == \
+        {**recipe, "inputs": {**recipe["inputs"], "shards": None}}
+
+
 def reuse_other_shards_work(jobs: list[ShardJob], out: Path, shard_root: Path,
                             sidecars: tuple[str, ...] = ()) -> list[ShardJob]:
     """Link each job's output (and its ``sidecars``, suffixes such as ``.skipped.json``) from another artifact
@@ -72,14 +80,12 @@ def reuse_other_shards_work(jobs: list[ShardJob], out: Path, shard_root: Path,
     if not jobs or own is None or "shards" not in own["inputs"]:
         return jobs
     ours = _shard_digests(shard_root)
-    waiting = {ours[f"{job.out.parent.name}/{job.shard.stem}"]: job for job in jobs
-               if f"{job.out.parent.name}/{job.shard.stem}" in ours}
-    same_recipe = lambda r: r is not None and {**r, "inputs": {**r["inputs"], "shards": None}} == \
-        {**own, "inputs": {**own["inputs"], "shards": None}}  # noqa: E731
+    names = {job: f"{job.out.parent.name}/{job.shard.stem}" for job in jobs}  # e.g. train/00003
+    waiting = {ours[name]: job for job, name in names.items() if name in ours}
     reused = []
     for other in sorted(p for p in out.parent.iterdir() if p.is_dir() and p != out):
         recipe = _read_json(other / RECIPE)
-        if not waiting or not same_recipe(recipe):
+        if not waiting or not _same_but_shards(own, recipe):
             continue
         for name, digest in _shard_digests(shard_root.parent / recipe["inputs"]["shards"]).items():
             source = other / f"{name}.parquet"
