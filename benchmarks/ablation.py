@@ -37,7 +37,9 @@ STEPS = [
      ["sample.rerank_against=both"]),
     ("sharper neighbour weights (temperature 0.025) and milder guidance (1.75)",
      ["sample.knn_temperature=0.025", "sample.cfg_scale=1.75"]),
-    ("the prompt weighed 0.75 beside the condition in re-ranking (shipped)", ["sample.rerank_prompt_weight=0.75"]),
+    ("the prompt weighed 0.75 beside the condition in re-ranking", ["sample.rerank_prompt_weight=0.75"]),
+    ("re-ranking: the prompt gates (within cosine 0.08 of the best match), the condition chooses (shipped)",
+     ["sample.rerank_against=prompt_then_condition", "sample.rerank_prompt_margin=0.08"]),
 ]
 
 def cumulative(start: list[str], steps: list[tuple[str, list[str]]]) -> list[dict]:
@@ -53,7 +55,7 @@ def cumulative(start: list[str], steps: list[tuple[str, list[str]]]) -> list[dic
 VARIANTS = cumulative(BEFORE, STEPS)
 VARIANTS += cumulative(VARIANTS[1]["overrides"], [  # measured beside the shipped path, not taken
     ("not shipped: train noise 0.6 with a weight average (EMA 0.998)", ["gpt.weight_average=0.998"])])
-VARIANTS += [{"name": name, "overrides": VARIANTS[len(STEPS) - 1]["overrides"] + change} for name, change in [
+VARIANTS += [{"name": name, "overrides": VARIANTS[7]["overrides"] + change} for name, change in [  # on row 8's path
     ("not shipped: 2-D rotary positions in attention (LlamaGen-style RoPE) on the shipped path", ["gpt.rope_2d=true"]),
     ("not shipped: 2-D rotary positions, 1000 transformer steps", ["gpt.rope_2d=true", "gpt.steps=1000"])]]
 HEADLINE = ("fd_over_floor", "fd_judge_over_floor", "precision", "recall", "judge_seen", "judge_held_out",

@@ -9,7 +9,8 @@ distribution among those that hold the accuracy floor; the defaults in ``pipelin
 Prints one JSON line per setting and a final summary line.
 
     python benchmarks/prompt_sweep.py --run runs/shapes [--scales 1,1.5,2] [--rerank 0,4] [--spreads 0.3,0.5]
-        [--rerank-against prompt,condition,both] [--prompt-weights 0.25,1] [--set k=v]
+        [--rerank-against prompt,condition,both,prompt_then_condition] [--prompt-weights 0.25,1]
+        [--prompt-margins 0.04,0.08] [--set k=v]
 
 An ablation's transformer is named by the same overrides it was trained with, e.g. after
 ``clipgen run pipelines/shapes.yaml --stages train-gpt --set gpt.noise_level=0.5``:
@@ -45,8 +46,11 @@ def settings(cfg, args) -> list[dict]:
             for against in args.rerank_against.split(",") if varied else ["prompt"]:
                 weights = args.prompt_weights.split(",") if against == "both" and args.prompt_weights \
                     else [cfg.sample.rerank_prompt_weight]
+                margins = args.prompt_margins.split(",") if against == "prompt_then_condition" and \
+                    args.prompt_margins else [cfg.sample.rerank_prompt_margin]
                 out.extend({"bridge": bridge, "knn_spread": spread, "cfg_scale": scale, "rerank_candidates": rerank,
-                            "rerank_against": against, "rerank_prompt_weight": float(w)} for w in weights)
+                            "rerank_against": against, "rerank_prompt_weight": float(w),
+                            "rerank_prompt_margin": float(m)} for w in weights for m in margins)
     return out
 
 
@@ -58,6 +62,8 @@ def main() -> None:
     parser.add_argument("--rerank", default="0,4")
     parser.add_argument("--spreads", default="0.5", help="sample.knn_spread values for the knn bridge")
     parser.add_argument("--rerank-against", default="prompt,condition")
+    parser.add_argument("--prompt-margins", default="", help="sample.rerank_prompt_margin values for re-ranking "
+                        "prompt_then_condition (default: the run's own)")
     parser.add_argument("--prompt-weights", default="", help="sample.rerank_prompt_weight values for re-ranking "
                         "against both; default: the run's")
     parser.add_argument("--out", help="also write the report here (JSON, rewritten after each setting)")

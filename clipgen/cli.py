@@ -176,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     knobs = {"n_per_prompt": args.n, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "cfg_scale": args.cfg_scale, "bridge": args.bridge, "rerank_candidates": args.rerank,
              "rerank_against": args.rerank_against, "rerank_prompt_weight": args.rerank_prompt_weight,
+             "rerank_prompt_margin": args.rerank_prompt_margin,
              "seed": args.seed}
     given = {k: v for k, v in knobs.items() if v is not None}
     settings = dataclasses.replace(cfg.sample, **given)
@@ -249,10 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1.0 = off)")
     p.add_argument("--bridge", choices=["none", "noise", "knn"], help="text-to-image embedding bridge")
     p.add_argument("--rerank", type=int, help="candidates drawn per image, the CLIP-best kept (0 = off)")
-    p.add_argument("--rerank-against", choices=["prompt", "condition", "both"],
-                   help="re-rank by CLIP similarity to the prompt, to each draw's bridged condition, or to both")
+    p.add_argument("--rerank-against", choices=["prompt", "condition", "both", "prompt_then_condition"],
+                   help="re-rank by CLIP similarity to the prompt, to each draw's bridged condition, to both, or to "
+                        "the condition among the candidates near the best match to the prompt")
     p.add_argument("--rerank-prompt-weight", type=float,
                    help="with --rerank-against both: the prompt's weight beside the condition's 1")
+    p.add_argument("--rerank-prompt-margin", type=float,
+                   help="with --rerank-against prompt_then_condition: the cosine margin below the best match to the "
+                        "prompt within which candidates compete on the condition")
     p.add_argument("--seed", type=int)
     _add_common_args(p)
     p.set_defaults(func=cmd_generate)

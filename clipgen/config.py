@@ -182,9 +182,11 @@ class SampleConfig:
     knn_temperature: float = 0.05  # their weights: softmax(cos / temperature); lower keeps the closest ones
     knn_spread: float = 0.25  # how far a draw's neighbour moves the text: spread * (neighbour - mean) / RMS of that
     rerank_candidates: int = 0  # sample this many per image and keep the CLIP-best; 0 = off
-    rerank_against: Literal["prompt", "condition", "both"] = "prompt"  # CLIP-best against the text, the draw's
-    # own bridged condition, or the two together (clipgen.generate)
+    # CLIP-best against the text, the draw's own bridged condition, the two together, or the condition among
+    # those near the best match to the text (clipgen.generate)
+    rerank_against: Literal["prompt", "condition", "both", "prompt_then_condition"] = "prompt"
     rerank_prompt_weight: float = 1.0  # both: the prompt's weight beside the condition's 1 (clipgen.generate)
+    rerank_prompt_margin: float = 0.08  # prompt_then_condition: how far (cosine) below the best match to the text
     seed: int = 0
 
 

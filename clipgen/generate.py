@@ -15,7 +15,11 @@
    closest to the prompt (``rerank_against: prompt``), to the draw's own bridged condition (``condition``:
    the candidates compete on matching the variation the bridge drew, so re-ranking keeps the spread), or to
    the two together (``both``: ``normalize(rerank_prompt_weight * prompt + condition)``; the text embedding
-   sits nearest the smallest shapes of what it names, so a full weight keeps too many small ones);
+   sits nearest the smallest shapes of what it names, so a full weight keeps too many small ones), or
+   ``prompt_then_condition``: of the candidates whose cosine to the prompt is within
+   ``rerank_prompt_margin`` of the best one's, the closest to the draw's condition. The prompt then only
+   gates (is it the right thing?) and the condition chooses among those that pass, so the pull toward the
+   text's favourite sizes stops at the gate;
 6. scores every image (CLIP score = 100 * max(cos, 0); the judge's verdict where the shapes world has one).
 
 One generator seeded with ``sample.seed`` draws fixed batches in order, so the same seed and settings
@@ -159,9 +163,10 @@ def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: in
     rows = torch.arange(len(prompts), device=device).repeat_interleave(s.n_per_prompt * max(1, s.rerank_candidates))
     cond = bridge_text(gen, text[rows], s, torch.Generator(device=device).manual_seed(s.seed))
     prompt = text[rows]
-    target = {"prompt": prompt, "condition": cond,
+    target = {"prompt": prompt, "condition": cond, "prompt_then_condition": cond,
               "both": F.normalize(s.rerank_prompt_weight * prompt + cond, dim=-1)}[s.rerank_against]
-    images, scores, draws = draw(gen, cond, target, s, batch_size)
+    gate = prompt if s.rerank_against == "prompt_then_condition" else None
+    images, scores, draws = draw(gen, cond, target, s, batch_size, gate=gate)
     if s.rerank_against != "prompt":  # the CLIP score reported is always against the prompt
         scores = clip_scores(gen.clip, images, prompt[draws].cpu())
     verdict = gen.judge.predict(images) if gen.judge is not None else None
@@ -171,12 +176,13 @@ def generate(gen: Generator, prompts: list[str], s: SampleConfig, batch_size: in
 
 
 @torch.no_grad()
-def draw(gen: Generator, cond: torch.Tensor, target: torch.Tensor, s: SampleConfig, batch_size: int = 256
-         ) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+def draw(gen: Generator, cond: torch.Tensor, target: torch.Tensor, s: SampleConfig, batch_size: int = 256,
+         gate: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """One image per condition row ``cond`` ``[R, D]``: uint8 images, their CLIP scores against ``target``
     ``[R, D]`` (the prompt's text embedding, or the conditioning image's), and each kept image's position in
     the sequence of draws. With ``s.rerank_candidates`` > 1, each consecutive group of that many rows is one
-    image's candidates, and the one with the best score is kept.
+    image's candidates, and the one with the best score is kept; with ``gate`` ``[R, D]`` too, only among
+    those whose cosine to ``gate`` is within ``s.rerank_prompt_margin`` of their group's best.
     """
     device = cond.device
     candidates = max(1, s.rerank_candidates)
@@ -190,18 +196,27 @@ def draw(gen: Generator, cond: torch.Tensor, target: torch.Tensor, s: SampleConf
         tokens = sample_tokens(gen.gpt, part, sampling_of(s), generator)
         images.append(to_uint8(gen.vqgan.decode_indices(tokens.view(len(part), side, side))))
     pixels = torch.cat(images)  # uint8 [R, H, W, 3]
-    scores = clip_scores(gen.clip, pixels.numpy(), target.cpu())
+    emb = gen.clip.encode_images(pixels.numpy()).cpu()  # [R, D], unit norm
+    scores = 100 * cosines(emb, target).clamp(min=0)
     index = torch.arange(len(cond))
     if candidates > 1:  # keep the best of each consecutive group of candidates
-        index = scores.view(-1, candidates).argmax(1) + torch.arange(0, len(scores), candidates)
+        ranked = scores.view(-1, candidates)  # [R / candidates, candidates]
+        if gate is not None:  # only those near their group's best match to the gate compete
+            to_gate = cosines(emb, gate).view(-1, candidates)
+            ranked = ranked.masked_fill(to_gate < to_gate.max(1, keepdim=True).values - s.rerank_prompt_margin, -1.0)
+        index = ranked.argmax(1) + torch.arange(0, len(scores), candidates)
         pixels, scores = pixels[index], scores[index]
     return pixels.numpy(), scores, index.tolist()
 
 
+def cosines(emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of unit-norm image embeddings ``[R, D]`` with ``text`` ``[R, D]`` (any norm)."""
+    return (emb * F.normalize(text.float().cpu(), dim=-1)).sum(-1)
+
+
 def clip_scores(clip, images: np.ndarray, text: torch.Tensor) -> torch.Tensor:
     """torchmetrics' CLIP score per image: ``100 * max(cos(image, text), 0)``."""
-    emb = clip.encode_images(images).cpu()
-    return 100 * (emb * F.normalize(text.float(), dim=-1)).sum(-1).clamp(min=0)
+    return 100 * cosines(clip.encode_images(images).cpu(), text).clamp(min=0)
 
 
 def write_outputs(result: Generated, out_dir: Path) -> Path:

@@ -65,6 +65,29 @@ def test_rerank_against_both_weights_the_prompt_beside_each_draws_condition(gen,
         assert kept.draws == generate(gen, ["a green square"], dataclasses.replace(s, rerank_against="condition")).draws
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.03, 2.0])
+def test_rerank_prompt_then_condition_lets_the_condition_choose_among_those_near_the_prompts_best(gen, tiny_run,
+                                                                                                  margin):
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=16, knn_spread=0.5, n_per_prompt=4, rerank_candidates=3,
+                            rerank_against="prompt_then_condition", rerank_prompt_margin=margin, seed=4)
+    kept = generate(gen, ["a green square"], s)
+    text = gen.clip.encode_texts(["a green square"])
+    cond = bridge_text(gen, text.repeat(12, 1), s, torch.Generator().manual_seed(4))
+    pool, _, _ = draw(gen, cond, cond, dataclasses.replace(s, rerank_candidates=0))  # all 12 candidates
+    emb = F.normalize(gen.clip.encode_images(pool).float(), dim=-1)
+    to_text, to_cond = emb @ F.normalize(text.float(), dim=-1)[0], (emb * F.normalize(cond.float(), dim=-1)).sum(-1)
+    expected = []
+    for group in (range(i, i + 3) for i in range(0, 12, 3)):
+        near = [j for j in group if to_text[j] >= max(to_text[k] for k in group) - margin]
+        expected.append(max(near, key=lambda j: to_cond[j]))
+    assert kept.draws == expected
+    assert np.allclose(kept.clip_scores, clip_scores(gen.clip, pool[kept.draws], text.repeat(4, 1)), atol=1e-4)
+    if margin in (0.0, 2.0):  # no room: the prompt's best; room for all: the condition's best
+        alone = generate(gen, ["a green square"], dataclasses.replace(s, rerank_against="prompt" if margin == 0 else
+                                                                       "condition"))
+        assert kept.draws == alone.draws
+
+
 def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation(gen, tiny_run):
     from clipgen.index import NeighbourIndex, build_index
 

@@ -62,6 +62,7 @@ CASES = {  # id: (overrides, or a function of the tmp folder giving them; the ke
     "zero temperature": (["sample.temperature=0"], "sample.temperature"),
     "zero top-p": (["sample.top_p=0"], "sample.top_p"),
     "negative re-rank prompt weight": (["sample.rerank_prompt_weight=-1"], "sample.rerank_prompt_weight"),
+    "negative re-rank prompt margin": (["sample.rerank_prompt_margin=-0.1"], "sample.rerank_prompt_margin"),
     "no images per prompt": (["eval.images_per_prompt=0"], "eval.images_per_prompt"),
     "missing folder": (lambda t: ["data.source=folder", f"data.path={t}/nothing-here"], "data.path"),
     "folder is a file": (lambda t: ["data.source=folder", f"data.path={write_file(t, 'x.jpg')}"], "data.path"),
