@@ -200,6 +200,10 @@ class EvalConfig:
     captions: int = 30000  # captions protocol: up to this many held-out images and their captions
     prompts: list[str] = field(default_factory=list)
     images_per_prompt: int = 16
+    # shapes world: held-out accuracy is scored on this many images of each held-out colour-shape combination,
+    # the samples' own plus more drawn with the next seed (a few combinations of 16 images are ±5 points);
+    # every other figure reads the samples alone
+    held_out_images_per_prompt: int = 48
     max_reference_images: int = 10000  # held-out real images the samples are compared with (the first ones)
     inception_weights: str | None = None  # local Inception weights: adds standard FID/IS
     scoring_clip: str | None = None  # a second, independent open_clip model for CLIP score and R-precision

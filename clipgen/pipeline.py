@@ -73,7 +73,7 @@ STEPS: tuple[Step, ...] = (
     Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "2",
          generate_stage.generate_config, generate_stage.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
-    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "6",
+    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "7",
          evaluate_stage.evaluate_config, evaluate_stage.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}

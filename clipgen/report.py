@@ -35,6 +35,7 @@ TABLE_COLUMNS = (("fd", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision 
 HEADLINE_LABELS = {
     "judge_seen": "judge accuracy (shape and colour), seen combinations",
     "judge_held_out": "judge accuracy (shape and colour), held-out combinations",
+    "judge_held_out_images": "held-out combinations: images judged (eval.held_out_images_per_prompt each)",
     "judge_shape": "judge accuracy: shape",
     "judge_colour": "judge accuracy: colour",
     "judge_size": "judge accuracy: size (prompts that name one)",

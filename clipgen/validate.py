@@ -41,6 +41,7 @@ def validate(cfg: PipelineConfig) -> None:
           "transformer is trained without it; choose none or knn, or train with gpt.bridge: noise")
     e = cfg.eval
     check(e.images_per_prompt >= 1, "eval.images_per_prompt", "must be >= 1")
+    check(e.held_out_images_per_prompt >= 0, "eval.held_out_images_per_prompt", "must be >= 0")
     check(e.captions >= 1, "eval.captions", "must be >= 1")
     check(e.max_reference_images >= 1, "eval.max_reference_images", "must be >= 1")
     check(-1.0 <= e.memorisation_threshold <= 1.0, "eval.memorisation_threshold", "is a cosine: must be in [-1, 1]")

@@ -173,7 +173,8 @@ TINY_RUN = ["data.world.n_captioned=64", "data.world.n_train=48", "data.world.n_
             "data.world.n_judge=64", "data.judge.steps=2", "data.judge.batch_size=16",
             "clip.toy.steps=3", "clip.toy.batch_size=16", "data.workers=1",
             "vqgan.steps=3", "vqgan.batch_size=8", "gpt.steps=4", "gpt.batch_size=8", "gpt.n_layer=1",
-            "gpt.n_embd=32", "gpt.n_head=2", "gpt.warmup_steps=1", "train.log_every=2", "sample.n_per_prompt=2"]
+            "gpt.n_embd=32", "gpt.n_head=2", "gpt.warmup_steps=1", "train.log_every=2", "sample.n_per_prompt=2",
+            "eval.held_out_images_per_prompt=3"]
 
 
 @pytest.fixture(scope="session")

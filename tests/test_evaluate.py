@@ -165,6 +165,10 @@ def test_report_builds_and_every_linked_image_exists(tiny_run):
     assert head["fd_judge_over_floor"] == pytest.approx(head["fd_judge_samples"] / head["fd_judge_floor_real"])
     named = metrics["judge"]["attribute prompts"]
     assert named["images"] == 24 and named["size"] is not None and metrics["judge"]["samples"]["size"] is None
+    # held-out accuracy: each held-out combination's one sample and 2 more draws; the samples' own figure stays
+    held_out = metrics["judge"]["held-out combinations"]
+    assert held_out["images"] == head["judge_held_out_images"] == 3 * len(tiny_run.data.world.held_out_combos)
+    assert head["judge_held_out"] == held_out["held_out"] and held_out["seen"] is None
     assert set(metrics["per_prompt"]["a small red circle on a black background"]) >= {"size", "background", "both"}
     assert metrics["scoring_clip_independent"] is False and "flattering" in metrics["scoring_clip"]
     assert "not Inception FID" in metrics["feature_space"]

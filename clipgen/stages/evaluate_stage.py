@@ -202,6 +202,26 @@ def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
             "images": len(s.texts)}
 
 
+HELD_OUT_SET = "held-out combinations"
+
+
+def more_held_out_draws(cfg: PipelineConfig, gen, samples: ImageSet, settings) -> ImageSet | None:
+    """The samples' images of held-out colour-shape combinations plus more of each, drawn with the next seed, up
+    to ``eval.held_out_images_per_prompt`` per combination; None when that adds none (or no prompt is one)."""
+    from clipgen.generate import generate
+
+    held = {tuple(c.lower().split()) for c in cfg.data.world.held_out_combos}
+    rows = [i for i, g in enumerate(samples.groups) if g in held]
+    prompts = list(dict.fromkeys(samples.texts[i] for i in rows))
+    extra = cfg.eval.held_out_images_per_prompt - settings.n_per_prompt
+    if extra <= 0 or not prompts or cfg.eval.protocol != "prompts":
+        return None
+    more = generate(gen, prompts, dataclasses.replace(settings, n_per_prompt=extra, seed=settings.seed + 1))
+    texts = [samples.texts[i] for i in rows] + more.prompts
+    return ImageSet(HELD_OUT_SET, np.concatenate([samples.images[rows], more.images]), texts,
+                    [text_group(t, True) for t in texts])
+
+
 def reference_cache_name(reference: np.ndarray) -> str:
     """The FID reference cache's name, keyed by the reference pixels themselves: another
     eval.max_reference_images, image size or held-out split is another name."""
@@ -278,6 +298,8 @@ def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, ma
         named = ImageSet("attribute prompts", results[1].images, results[1].prompts,
                          [text_group(p, world) for p in results[1].prompts])
         judge = {s.name: judged(gen.judge, s, cfg.data.world.held_out_combos) for s in [*sets, named]}
+        if more := more_held_out_draws(cfg, gen, samples, settings):
+            judge[more.name] = judged(gen.judge, more, cfg.data.world.held_out_combos)
 
     by_prompt = results[1:] if e.protocol == "captions" else results  # one draw per caption: no per-prompt rows
     named_sets = {s.name: s for s in sets}  # reconstructions pair with the real images, one for one
@@ -330,7 +352,9 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
                    "fd_judge_over_floor": samples["fd_judge"] / max(real["fd_judge"], 1e-12)}
     if judge:
         named = judge["attribute prompts"]
-        values |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": judge["samples"]["held_out"],
+        held_out = judge.get(HELD_OUT_SET, judge["samples"])
+        values |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": held_out["held_out"],
+                   "judge_held_out_images": held_out["images"],
                    "judge_shape": judge["samples"]["shape"], "judge_colour": judge["samples"]["colour"],
                    "judge_size": named["size"], "judge_background": named["background"]}
     return {k: values[k] for k in HEADLINE_LABELS if k in values}
