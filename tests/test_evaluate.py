@@ -169,6 +169,7 @@ def test_report_builds_and_every_linked_image_exists(tiny_run):
     held_out = metrics["judge"]["held-out combinations"]
     assert held_out["images"] == head["judge_held_out_images"] == 3 * len(tiny_run.data.world.held_out_combos)
     assert head["judge_held_out"] == held_out["held_out"] and held_out["seen"] is None
+    assert metrics["judge"]["samples"]["held_out_images"] == len(tiny_run.data.world.held_out_combos)
     assert set(metrics["per_prompt"]["a small red circle on a black background"]) >= {"size", "background", "both"}
     assert metrics["scoring_clip_independent"] is False and "flattering" in metrics["scoring_clip"]
     assert "not Inception FID" in metrics["feature_space"]

@@ -198,8 +198,8 @@ def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
     held = {tuple(c.lower().split()) for c in held_combos}
     is_held = np.array([g in held for g in s.groups])
     return {**{name: accuracy_of(h) for name, h in hits.items()}, "seen": accuracy_of(hits["both"][~is_held]),
-            "held_out": accuracy_of(hits["both"][is_held]), "mix": attribute_mix(verdict, judge.labels),
-            "images": len(s.texts)}
+            "held_out": accuracy_of(hits["both"][is_held]), "held_out_images": int(is_held.sum()),
+            "mix": attribute_mix(verdict, judge.labels), "images": len(s.texts)}
 
 
 HELD_OUT_SET = "held-out combinations"
@@ -354,7 +354,7 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         named = judge["attribute prompts"]
         held_out = judge.get(HELD_OUT_SET, judge["samples"])
         values |= {"judge_seen": judge["samples"]["seen"], "judge_held_out": held_out["held_out"],
-                   "judge_held_out_images": held_out["images"],
+                   "judge_held_out_images": held_out["held_out_images"],
                    "judge_shape": judge["samples"]["shape"], "judge_colour": judge["samples"]["colour"],
                    "judge_size": named["size"], "judge_background": named["background"]}
     return {k: values[k] for k in HEADLINE_LABELS if k in values}
