@@ -209,6 +209,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_json_or_none(path: Path) -> Any:
+    """The JSON in ``path``, or None where it is missing or unreadable (a file its writer never finished)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 

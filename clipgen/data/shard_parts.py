@@ -22,7 +22,6 @@ cluster's workers are the processes.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import threading
 from collections import Counter
@@ -33,7 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from clipgen.artifacts import link_or_copy, write_json_atomic
+from clipgen.artifacts import link_or_copy, read_json_or_none, write_json_atomic
 from clipgen.data.shards import Sample, ShardInfo, Skipped, write_manifest, write_shard
 from clipgen.fanout import MapFn, serial_map
 
@@ -98,12 +97,8 @@ def write_part(root: Path, plan: ShardPlan, samples: Iterable[Sample], skipped: 
 
 def finished_record(root: Path, plan: ShardPlan) -> dict | None:
     """The plan's record if its shard is whole (same inputs, tar of the recorded size), else None."""
-    path = record_path(root, plan)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if record.get("inputs_digest") != plan.inputs_digest:
+    record = read_json_or_none(record_path(root, plan))
+    if record is None or record.get("inputs_digest") != plan.inputs_digest:
         return None
     shard = record["shard"]
     if shard is not None:

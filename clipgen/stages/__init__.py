@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipgen.artifacts import link_or_copy, write_json_atomic
+from clipgen.artifacts import link_or_copy, read_json_or_none, write_json_atomic
 from clipgen.data.shards import read_manifest, shard_paths
 
 log = logging.getLogger("clipgen")
@@ -45,13 +45,6 @@ def write_recipe(out: Path, recipe: dict[str, Any]) -> None:
     write_json_atomic(out / RECIPE, json.loads(json.dumps(recipe, sort_keys=True, default=str)))
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _shard_digests(shard_root: Path) -> dict[str, str]:
     """``split/NNNNN`` -> sha256 of each shard in an ingest artifact's manifest (empty if it has none)."""
     try:
@@ -76,7 +69,7 @@ def reuse_other_shards_work(jobs: list[ShardJob], out: Path, shard_root: Path,
     of this kind that the same recipe built from other shards, where one of those shards has the same
     sha256 as the job's; return the jobs still to do. A folder that gained or lost a few files keeps most of
     its shards byte for byte (:mod:`clipgen.data.shard_parts`), so only the changed ones are worked again."""
-    own = _read_json(out / RECIPE)
+    own = read_json_or_none(out / RECIPE)
     if not jobs or own is None or "shards" not in own["inputs"]:
         return jobs
     ours = _shard_digests(shard_root)
@@ -84,7 +77,7 @@ def reuse_other_shards_work(jobs: list[ShardJob], out: Path, shard_root: Path,
     waiting = {ours[name]: job for job, name in names.items() if name in ours}
     reused = []
     for other in sorted(p for p in out.parent.iterdir() if p.is_dir() and p != out):
-        recipe = _read_json(other / RECIPE)
+        recipe = read_json_or_none(other / RECIPE)
         if not waiting or not _same_but_shards(own, recipe):
             continue
         for name, digest in _shard_digests(shard_root.parent / recipe["inputs"]["shards"]).items():

@@ -187,6 +187,11 @@ def text_alignment(clip, sets: list[ImageSet], image_emb: dict[str, torch.Tensor
     return out
 
 
+def held_out_groups(held_combos: list[str]) -> set[tuple[str, ...]]:
+    """The held-out combinations ('red triangle') as the (colour, shape) groups of :func:`text_group`."""
+    return {tuple(c.lower().split()) for c in held_combos}
+
+
 def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
     """Judge accuracy on every attribute the texts name (over the texts that name it; None where none does),
     on shape and colour together (``both``), on both for seen and held-out combinations, and the ``mix`` of
@@ -195,7 +200,7 @@ def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
 
     verdict = judge.predict(s.images)
     hits = prompt_hits(s.texts, verdict)
-    held = {tuple(c.lower().split()) for c in held_combos}
+    held = held_out_groups(held_combos)
     is_held = np.array([g in held for g in s.groups])
     return {**{name: accuracy_of(h) for name, h in hits.items()}, "seen": accuracy_of(hits["both"][~is_held]),
             "held_out": accuracy_of(hits["both"][is_held]), "held_out_images": int(is_held.sum()),
@@ -210,7 +215,7 @@ def more_held_out_draws(cfg: PipelineConfig, gen, samples: ImageSet, settings) -
     to ``eval.held_out_images_per_prompt`` per combination; None when that adds none (or no prompt is one)."""
     from clipgen.generate import generate
 
-    held = {tuple(c.lower().split()) for c in cfg.data.world.held_out_combos}
+    held = held_out_groups(cfg.data.world.held_out_combos)
     rows = [i for i, g in enumerate(samples.groups) if g in held]
     prompts = list(dict.fromkeys(samples.texts[i] for i in rows))
     extra = cfg.eval.held_out_images_per_prompt - settings.n_per_prompt
