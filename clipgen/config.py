@@ -220,6 +220,9 @@ class OrchestrationConfig:
     dask_address: str | None = runtime_only(None)  # null = start a local Dask cluster
     # a run that reaches an artifact another process is building waits for it and reuses it; false: fail at once
     wait_for_locks: bool = runtime_only(True)
+    # on a CPU host, run the independent chains (judge; pretrain-clip + embed; train-vqgan + tokenize) at once, each
+    # in a process on cores of its own (clipgen.side_by_side); false: one after the other, on every core
+    side_by_side: bool = runtime_only(True)
 
 
 @dataclass

@@ -132,6 +132,11 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
     return {"step": name, "id": artifact.id, "path": str(artifact.path), **summary}
 
 
+def needs_build(step: Step, art: Artifact) -> bool:
+    """Whether running ``step`` would build: its artifact is missing, unfinished, or has damaged files. Only reads."""
+    return not art.is_complete() or (step.damaged is not None and bool(step.damaged(art.path)))
+
+
 def cached_results(cfg: PipelineConfig, stages: Iterable[str]) -> dict[str, dict[str, dict]] | None:
     """What running ``stages`` would report when every one of their steps is built and undamaged (each
     ``cached``, as :func:`run_step` reports a reused step), or None when any step has work to do. Only reads:
@@ -142,7 +147,7 @@ def cached_results(cfg: PipelineConfig, stages: Iterable[str]) -> dict[str, dict
         results[stage] = {}
         for step in steps_of(stage, cfg):
             art = artifacts[step.name]
-            if not art.is_complete() or (step.damaged is not None and step.damaged(art.path)):
+            if needs_build(step, art):
                 return None
             results[stage][step.name] = {"step": step.name, "id": art.id, "path": str(art.path), **art.summary(),
                                          "cached": True}

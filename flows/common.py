@@ -47,11 +47,13 @@ def with_task_runner(stage_flow, cfg: PipelineConfig):
     return stage_flow.with_options(task_runner=DaskTaskRunner(cluster_kwargs=cluster))
 
 
-def run_stage(cfg: PipelineConfig, stage: str) -> dict[str, dict]:
-    """Run every step of ``stage`` in order; returns {step name: result}."""
+def run_stage(cfg: PipelineConfig, stage: str, steps: list[str] | None = None) -> dict[str, dict]:
+    """Run the steps of ``stage`` in order (those named in ``steps``, or all); returns {step name: result}."""
     logger = get_run_logger()
     results = {}
     for step in steps_of(stage, cfg):
+        if steps is not None and step.name not in steps:
+            continue
         result = run_step(cfg, step.name, map_fn=prefect_map)
         logger.info("%s %s: %s", step.name, "cached, skipped" if result["cached"] else "built", result["path"])
         results[step.name] = result

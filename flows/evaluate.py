@@ -14,8 +14,8 @@ from flows.common import load, run_stage
 
 
 @flow(name="evaluate")
-def evaluate(pipeline: str, overrides: list[str] | None = None) -> dict[str, dict]:
-    results = run_stage(load(pipeline, overrides), "evaluate")
+def evaluate(pipeline: str, overrides: list[str] | None = None, steps: list[str] | None = None) -> dict[str, dict]:
+    results = run_stage(load(pipeline, overrides), "evaluate", steps)
     report = Path(results["report"]["path"])
     link_latest(report)
     metrics = json.loads((report / "metrics.json").read_text())

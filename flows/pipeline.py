@@ -1,12 +1,15 @@
-"""The parent ``clip-gen`` flow: chains every stage flow in order (``prefect deployment run clip-gen/full``)."""
+"""The parent ``clip-gen`` flow: chains every stage flow in order (``prefect deployment run clip-gen/full``). On a
+CPU host the independent chains between the shards and the transformer run side by side, one task each, every
+chain in a process of its own (:mod:`clipgen.side_by_side`)."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from clipgen.pipeline import parse_stages, save_run_config
+from clipgen.pipeline import STEPS_BY_NAME, parse_stages, save_run_config
 from clipgen.preflight import check_inputs
-from flows.common import load, with_task_runner
+from clipgen.side_by_side import plan_phases, run_side_by_side
+from flows.common import load, prefect_map, with_task_runner
 from flows.embed import embed
 from flows.evaluate import evaluate
 from flows.generate import generate
@@ -30,8 +33,16 @@ def clip_gen(pipeline: str = "pipelines/shapes.yaml", overrides: list[str] | Non
     check_inputs(cfg, stage_names)  # and what the config points at: data, weights files, GPUs
     save_run_config(cfg)
     logger = get_run_logger()
-    results = {}
-    for stage in stage_names:
-        logger.info("stage %s", stage)
-        results[stage] = with_task_runner(STAGE_FLOWS[stage], cfg)(pipeline, overrides)
-    return results
+    results: dict[str, dict] = {}
+    for phase in plan_phases(cfg, stage_names):
+        if len(phase) == 1:
+            steps = list(phase[0].steps)
+            stage = STEPS_BY_NAME[steps[0]].stage
+            logger.info("stage %s", stage)
+            found = with_task_runner(STAGE_FLOWS[stage], cfg)(pipeline, overrides, steps)
+        else:
+            logger.info("side by side: %s", " | ".join(chain.label for chain in phase))
+            found = run_side_by_side(cfg, phase, map_fn=prefect_map)
+        for step, result in found.items():
+            results.setdefault(STEPS_BY_NAME[step].stage, {})[step] = result
+    return {stage: results[stage] for stage in stage_names if stage in results}  # in pipeline order

@@ -8,5 +8,5 @@ from flows.common import load, run_stage
 
 
 @flow(name="tokenize")
-def tokenize(pipeline: str, overrides: list[str] | None = None) -> dict[str, dict]:
-    return run_stage(load(pipeline, overrides), "tokenize")
+def tokenize(pipeline: str, overrides: list[str] | None = None, steps: list[str] | None = None) -> dict[str, dict]:
+    return run_stage(load(pipeline, overrides), "tokenize", steps)
