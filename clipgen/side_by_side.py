@@ -2,15 +2,16 @@
 
 Between the shards and the transformer, three chains of steps need nothing from one another: the tokenizer
 chain (train-vqgan, then tokenize), the CLIP chain (pretrain-clip, then embed) and the shapes world's judge.
-Their models are small, and a second core speeds each of them up only 1.45-1.65x (shapes world, 2-core Xeon:
-vqgan 71.5 against 49.5 s, toy CLIP 56.7 against 38.3 s, judge 26.4 against 16.0 s for a short run of each),
-so two of them at once, one core each, finish sooner than one after the other on both cores.
+Their models are small, and a second core speeds each of them up only 1.6-1.7x, so two of them at once, one core
+each, finish sooner than one after the other on both cores: in a cold shapes demo on a 2-core Xeon with AMX the
+phase took 294 s (train-vqgan 269 s on one core) against 337 s one after the other (train-vqgan 158 s on two).
+A model trained on one core is not bit-identical to one trained on two (float sums run in another order).
 
 Each chain runs :func:`clipgen.pipeline.run_step` for its steps in a child process (``python -m
 clipgen.side_by_side``), pinned to its cores. A process, not a thread, because torch's thread count and random
 generator are global to a process: in threads, one step's draws would depend on what ran beside it. The
 locks, caches and artifacts are the same as in the parent, so a chain that fails leaves the others' finished
-work for the rerun. GPU hosts and multi-process training keep the one-after-the-other order.
+work for the rerun. GPU hosts, multi-process training and Dask runs keep the one-after-the-other order.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def plan_phases(cfg: PipelineConfig, stages: Iterable[str]) -> list[list[Chain]]
     """The steps of ``stages`` in pipeline order, as phases run one after the other. A phase of one chain runs in
     this process, and its steps belong to one stage; a phase of several chains runs them side by side
     (:func:`run_side_by_side`). That happens when ``orchestration.side_by_side`` is on, the host has no GPU and 2
-    or more cores, no step trains under torchrun, and at least two chains have something to build; a chain with
-    nothing to build stays in this process (it only reports its cached steps)."""
+    or more cores, no step trains under torchrun, the shard-parallel parts map on threads (a Dask cluster keeps
+    its fan-out), and at least two chains have something to build; a chain with nothing to build stays in this
+    process (it only reports its cached steps)."""
     names = [s.name for stage in stages for s in steps_of(stage, cfg)]
     artifacts = plan(cfg)
     chains = [Chain(tuple(n for n in chain if n in names)) for chain in SIDE_BY_SIDE]
@@ -80,7 +82,8 @@ def stage_of(step: str) -> str:
 def side_by_side_allowed(cfg: PipelineConfig) -> bool:
     import torch
 
-    return (cfg.orchestration.side_by_side and usable_cores() >= 2 and not torch.cuda.is_available()
+    o = cfg.orchestration
+    return (o.side_by_side and o.task_runner == "threads" and usable_cores() >= 2 and not torch.cuda.is_available()
             and cfg.train.devices * cfg.train.nodes == 1)
 
 

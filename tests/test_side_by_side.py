@@ -35,6 +35,8 @@ def test_a_cold_cpu_run_puts_the_three_chains_in_one_phase(tmp_path, monkeypatch
               plan_phases(tiny(tmp_path, "orchestration.side_by_side=false"), parse_stages(None))]
     assert serial == [["shards -> judge"], ["toyclip"], ["embeddings"], ["vqgan"], ["tokens"], ["gpt"], ["samples"],
                       ["report"]]
+    on_dask = plan_phases(tiny(tmp_path, "orchestration.task_runner=dask"), parse_stages(None))
+    assert [[c.label for c in phase] for phase in on_dask] == serial  # the cluster keeps the shard fan-out
     monkeypatch.setattr("clipgen.side_by_side.usable_cores", lambda: 1)  # one core: nothing to share out
     assert all(len(phase) == 1 for phase in plan_phases(tiny(tmp_path), parse_stages(None)))
 
