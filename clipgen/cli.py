@@ -15,9 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
-from clipgen.config import ConfigError, PipelineConfig, load_config
+from clipgen.config import ConfigError, PipelineConfig, config_yaml, load_config
 from clipgen.errors import ClipgenError
 from clipgen.validate import validate_sample
 
@@ -146,7 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.target, args.overrides)
-    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+    print(config_yaml(cfg), end="")
     return 0
 
 

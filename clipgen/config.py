@@ -341,3 +341,8 @@ def to_dict(section: Any, output_only: bool = False) -> dict[str, Any]:
         value = getattr(section, f.name)
         out[f.name] = to_dict(value, output_only) if dataclasses.is_dataclass(value) else value
     return out
+
+
+def config_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML, every key in section order: :func:`load_config` reads it back as ``cfg``."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -9,16 +9,13 @@ Flows (``flows/``) call :func:`run_step`; ``clipgen status`` calls :func:`plan`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from clipgen.artifacts import Artifact, run_cached, stage_id, write_text_atomic
-from clipgen.config import ConfigError, PipelineConfig
+from clipgen.config import ConfigError, PipelineConfig, config_yaml
 from clipgen.data.shard_parts import SHARD_CODE_VERSION
 from clipgen.data.shards import damaged_shards
 from clipgen.fanout import MapFn, serial_map
@@ -157,5 +154,5 @@ def cached_results(cfg: PipelineConfig, stages: Iterable[str]) -> dict[str, dict
 def save_run_config(cfg: PipelineConfig) -> Path:
     """Write the resolved config to ``<run_dir>/pipeline.yaml`` so a run folder describes itself."""
     path = cfg.run_path / "pipeline.yaml"
-    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_text_atomic(path, config_yaml(cfg))
     return path

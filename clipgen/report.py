@@ -8,7 +8,6 @@ image, and the run's resolved config.
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import os
@@ -16,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from clipgen.artifacts import Artifact, write_json_atomic, write_text_atomic
+from clipgen.config import config_yaml
 from clipgen.data.shards import iter_shard, shard_paths
 
 GRID_SCALE = 2  # small world images are upscaled (nearest) so shapes are visible on screen
@@ -191,7 +190,7 @@ def write_report(out: Path, cfg, metrics: dict[str, Any], results: list, neighbo
             name = save_grid(np.stack([result.images[i], train[key]]), out / f"nn_{rank:02d}.png", columns=2)
             figures["pairs"].append((name, result.prompts[i], key, float(similarity[i])))
     write_json_atomic(out / "metrics.json", metrics)
-    config_text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    config_text = config_yaml(cfg)
     page = out / "index.html"
     write_text_atomic(page, render_html(metrics, figures, config_text))
     return page

@@ -16,7 +16,6 @@ work for the rerun. GPU hosts, multi-process training and Dask runs keep the one
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -29,16 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
-
 from clipgen.artifacts import write_json_atomic, write_text_atomic
-from clipgen.config import PipelineConfig, load_config
+from clipgen.config import PipelineConfig, config_yaml, load_config
 from clipgen.cores import usable_cores
 from clipgen.fanout import MapFn
 from clipgen.pipeline import STEPS_BY_NAME, needs_build, plan, run_step, steps_of
 
-# the chains that may run side by side, longest first: that is the order they are handed cores in (shapes world,
-# one core each: about 245, 195 and 55 s)
+# the chains that may run side by side, longest first: that is the order they are handed cores in (cold shapes
+# demo, one core each: 290, 211 and 61 s, process start included)
 SIDE_BY_SIDE: tuple[tuple[str, ...], ...] = (("vqgan", "tokens"), ("toyclip", "embeddings"), ("judge",))
 CORES_ENV = "CLIPGEN_CHAIN_CORES"  # the child's cores, comma-separated
 
@@ -123,7 +120,7 @@ def run_chain_process(cfg: PipelineConfig, chain: Chain, cores: list[int]) -> di
     logging.getLogger("clipgen").info("%s: on core(s) %s, in a process of its own", chain.label, cores)
     with tempfile.TemporaryDirectory(prefix="clipgen-chain-") as tmp:
         config_file, results_file = Path(tmp) / "config.yaml", Path(tmp) / "results.json"
-        write_text_atomic(config_file, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        write_text_atomic(config_file, config_yaml(cfg))
         env = {**os.environ, CORES_ENV: ",".join(map(str, cores))}
         command = [sys.executable, "-m", "clipgen.side_by_side", str(config_file), str(results_file), *chain.steps]
         done = subprocess.run(command, env=env)

@@ -14,7 +14,6 @@ start one process per node, e.g. Slurm or Kubernetes), all pointing at one rende
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clipgen.artifacts import write_text_atomic
-from clipgen.config import ConfigError, PipelineConfig
+from clipgen.config import ConfigError, PipelineConfig, config_yaml
 
 SUMMARY_FILE = ".launch_summary.json"
 
@@ -47,12 +46,11 @@ def torchrun_command(cfg: PipelineConfig, config_file: Path, step: str, out: Pat
 def launch_step(cfg: PipelineConfig, step: str, out: Path) -> dict[str, Any]:
     """Build ``step`` into ``out`` under torchrun; returns rank 0's summary. Fails if any rank fails."""
 
-    import yaml
 
 
     out = Path(out)
     config_file = out / ".launch_config.yaml"
-    write_text_atomic(config_file, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_text_atomic(config_file, config_yaml(cfg))
     (out / SUMMARY_FILE).unlink(missing_ok=True)
     command = torchrun_command(cfg, config_file, step, out)
     done = subprocess.run(command)
