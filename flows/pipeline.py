@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from clipgen.pipeline import STEPS_BY_NAME, parse_stages, save_run_config
+from clipgen.pipeline import parse_stages, save_run_config
 from clipgen.preflight import check_inputs
-from clipgen.side_by_side import plan_phases, run_side_by_side
+from clipgen.side_by_side import plan_phases, run_side_by_side, stage_of
 from flows.common import load, prefect_map, with_task_runner
 from flows.embed import embed
 from flows.evaluate import evaluate
@@ -37,12 +37,12 @@ def clip_gen(pipeline: str = "pipelines/shapes.yaml", overrides: list[str] | Non
     for phase in plan_phases(cfg, stage_names):
         if len(phase) == 1:
             steps = list(phase[0].steps)
-            stage = STEPS_BY_NAME[steps[0]].stage
+            stage = stage_of(steps[0])
             logger.info("stage %s", stage)
             found = with_task_runner(STAGE_FLOWS[stage], cfg)(pipeline, overrides, steps)
         else:
             logger.info("side by side: %s", " | ".join(chain.label for chain in phase))
             found = run_side_by_side(cfg, phase, map_fn=prefect_map)
         for step, result in found.items():
-            results.setdefault(STEPS_BY_NAME[step].stage, {})[step] = result
+            results.setdefault(stage_of(step), {})[step] = result
     return {stage: results[stage] for stage in stage_names if stage in results}  # in pipeline order

@@ -35,11 +35,11 @@ LONGER = [o for o in TINY_RUN if not o.startswith(("data.world.n_train", "vqgan.
 SIDE_BY_SIDE = ["orchestration.side_by_side=true"]
 
 
-def sets(run_dir: Path, extra: list[str]) -> list[str]:
+def sets(run_dir: Path, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     return [a for o in [*LONGER, *extra, f"run_dir={run_dir}"] for a in ("--set", o)]
 
 
-def kill_when(run_dir: Path, log: Path, started, tmp_path: Path, extra: list[str] = []) -> None:  # noqa: B006
+def kill_when(run_dir: Path, log: Path, started, tmp_path: Path, extra: list[str] | tuple[str, ...] = ()) -> None:
     """Start the chain and SIGKILL its whole process group once ``started(artifacts)`` is true."""
     env = cli_env(tmp_path / "prefect")
     artifacts = plan(load_config("pipelines/shapes.yaml", [*LONGER, *extra, f"run_dir={run_dir}"]))
@@ -71,7 +71,7 @@ def files(root: Path, pattern: str) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_a_run_killed_in_each_long_stage_finishes_as_an_uninterrupted_one(tmp_path):
     whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
-    clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", STAGES, *sets(whole_dir, []), timeout=900)
+    clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", STAGES, *sets(whole_dir), timeout=900)
     kill_points = [("ingest", in_progress("shards", "*/*.tar")),
                    ("embed", in_progress("embeddings", "*/*.parquet")),
                    ("train-vqgan", in_progress("vqgan", "checkpoints/step_*")),
@@ -80,7 +80,7 @@ def test_a_run_killed_in_each_long_stage_finishes_as_an_uninterrupted_one(tmp_pa
     for stage, started in kill_points:
         logs.append(tmp_path / f"killed-in-{stage}.log")
         kill_when(killed_dir, logs[-1], started, tmp_path)
-    out = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", STAGES, *sets(killed_dir, []), timeout=900,
+    out = clipgen(tmp_path, "run", "pipelines/shapes.yaml", "--stages", STAGES, *sets(killed_dir), timeout=900,
                   logs=True)
     # each rerun resumed the stage killed before it: training from a checkpoint
     resumed = [logs[2].read_text(), logs[3].read_text(), out]  # runs 3 and 4 and the last one
