@@ -42,7 +42,9 @@ def main() -> None:
     gen = load_generator(cfg, artifacts)
     report = Report("held_out_spread", torch.device(default_device()),
                     {"run": str(cfg.run_path), "ids": {k: artifacts[k].id for k in ("gpt", "vqgan", "judge")},
-                     "prompts": prompts, "images_per_prompt": per_prompt}, args.out)
+                     "prompts": prompts, "images_per_prompt": per_prompt,
+                     "sample": {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k not in ("prompts", "seed")}},
+                    args.out)
     accuracies = []
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Sweep of the sampling settings on a finished shapes run, scored on distribution and accuracy together.
 
-For every combination of inference bridge (none / noise / knn, the last at each ``--spreads``), guidance
-scale, re-ranking and what re-ranking compares with (the prompt, or each draw's own condition), draw the
+For every combination of inference bridge (none / noise / knn, the last at each ``--spreads`` and
+``--shrinks``), guidance scale, re-ranking and what re-ranking compares with (the prompt, or each draw's own condition), draw the
 evaluation's images and measure FD over its real floor in two feature spaces (the run's CLIP, which
 re-ranking optimises, and the judge's, which nothing optimises), precision and recall, and the judge's
 accuracy per attribute (:mod:`clipgen.sweep`). The chosen setting is the one closest to the real
@@ -9,7 +9,7 @@ distribution among those that hold the accuracy floor; the defaults in ``pipelin
 Prints one JSON line per setting and a final summary line.
 
     python benchmarks/prompt_sweep.py --run runs/shapes [--scales 1,1.5,2] [--rerank 0,4] [--spreads 0.3,0.5]
-        [--rerank-against prompt,condition,both,prompt_then_condition] [--prompt-weights 0.25,1]
+        [--shrinks 0,20] [--rerank-against prompt,condition,both,prompt_then_condition] [--prompt-weights 0.25,1]
         [--prompt-margins 0.04,0.08] [--set k=v]
 
 An ablation's transformer is named by the same overrides it was trained with, e.g. after
@@ -40,16 +40,19 @@ def settings(cfg, args) -> list[dict]:
         if bridge == "noise" and cfg.gpt.bridge != "noise":
             continue  # the noise bridge reuses the transformer's training noise, and it was trained without
         spreads = [float(v) for v in args.spreads.split(",")] if bridge == "knn" else [cfg.sample.knn_spread]
-        for spread, scale, rerank in itertools.product(spreads, (float(v) for v in args.scales.split(",")),
-                                                       (int(v) for v in args.rerank.split(","))):
+        shrinks = [float(v) for v in args.shrinks.split(",")] if bridge == "knn" and args.shrinks \
+            else [cfg.sample.knn_shrink]
+        for spread, shrink, scale, rerank in itertools.product(spreads, shrinks,
+                                                               (float(v) for v in args.scales.split(",")),
+                                                               (int(v) for v in args.rerank.split(","))):
             varied = rerank > 1 and bridge != "none"  # without a bridge the condition is the prompt
             for against in args.rerank_against.split(",") if varied else ["prompt"]:
                 weights = args.prompt_weights.split(",") if against == "both" and args.prompt_weights \
                     else [cfg.sample.rerank_prompt_weight]
                 margins = args.prompt_margins.split(",") if against == "prompt_then_condition" and \
                     args.prompt_margins else [cfg.sample.rerank_prompt_margin]
-                out.extend({"bridge": bridge, "knn_spread": spread, "cfg_scale": scale, "rerank_candidates": rerank,
-                            "rerank_against": against, "rerank_prompt_weight": float(w),
+                out.extend({"bridge": bridge, "knn_spread": spread, "knn_shrink": shrink, "cfg_scale": scale,
+                            "rerank_candidates": rerank, "rerank_against": against, "rerank_prompt_weight": float(w),
                             "rerank_prompt_margin": float(m)} for w in weights for m in margins)
     return out
 
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--scales", default="1,1.5,2")
     parser.add_argument("--rerank", default="0,4")
     parser.add_argument("--spreads", default="0.5", help="sample.knn_spread values for the knn bridge")
+    parser.add_argument("--shrinks", default="", help="sample.knn_shrink values for the knn bridge; default: the run's")
     parser.add_argument("--rerank-against", default="prompt,condition")
     parser.add_argument("--prompt-margins", default="", help="sample.rerank_prompt_margin values for re-ranking "
                         "prompt_then_condition (default: the run's own)")

@@ -181,6 +181,9 @@ class SampleConfig:
     knn_k: int = 2048  # train image embeddings a text's ``knn`` draws come from (clipgen.generate.bridge_text)
     knn_temperature: float = 0.05  # their weights: softmax(cos / temperature); lower keeps the closest ones
     knn_spread: float = 0.25  # how far a draw's neighbour moves the text: spread * (neighbour - mean) / RMS of that
+    # a text's step is spread * n / (n + knn_shrink), n = 1 / sum(weight ** 2) its neighbours' effective count:
+    # short for a text that few train images match (a held-out combination); 0 = off
+    knn_shrink: float = 0.0
     rerank_candidates: int = 0  # sample this many per image and keep the CLIP-best; 0 = off
     # CLIP-best against the text, the draw's own bridged condition, the two together, or the condition among
     # those near the best match to the text (clipgen.generate)

@@ -57,6 +57,7 @@ def test_int_is_accepted_for_float():
         (["data.source=folder"], "data.path: required when data.source is 'folder'"),
         (["data.image_size=30"], "multiple of the VQGAN downsampling factor 4"),
         (["sample.top_p=0"], "sample.top_p: must be in (0, 1]"),
+        (["sample.knn_shrink=-1"], "sample.knn_shrink: must be >= 0"),
         (["gpt.steps=0"], "gpt.steps: must be > 0"),
         (["vqgan.perceptual=lpips"], "vqgan.lpips_weights: required"),
         (["data.world.held_out_combos=[red]"], "must be 'COLOUR SHAPE'"),

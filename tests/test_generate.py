@@ -95,7 +95,7 @@ def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation
     images = F.normalize(text + 0.8 * torch.randn(50, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(50)]),
                      index_vectors=images.numpy())
-    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=3, knn_temperature=0.1, knn_spread=0.5)
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=3, knn_temperature=0.1, knn_spread=0.5, knn_shrink=0.0)
     assert torch.equal(bridge_text(g, text, dataclasses.replace(s, bridge="none")), text)
     cos, order = (images @ text[0]).topk(3)  # the 3 nearest images and their weights, by hand
     weights = torch.softmax(cos / 0.1, dim=0)
@@ -110,6 +110,38 @@ def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation
     assert torch.allclose(match.float().mean(0), weights, atol=0.08)  # each as often as its weight
     assert torch.allclose(bridge_text(g, text, dataclasses.replace(s, knn_k=1)), text, atol=1e-5)  # no offset
     assert torch.allclose(bridge_text(g, text, dataclasses.replace(s, knn_k=500)).norm(), torch.ones(1))  # k > N
+
+
+def test_knn_shrink_shortens_the_steps_of_a_text_with_few_neighbours(gen, tiny_run):
+    """With knn_shrink n0, a text whose weights spread over n neighbours (effective count) moves by
+    spread * n / (n + n0): a text far from every train image, whose few nearest ones are a poor sample of
+    how its own images vary (a held-out combination), keeps closer to what it says."""
+    from clipgen.index import NeighbourIndex, build_index
+
+    rng = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(60, 16, generator=rng), dim=-1)
+    g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(60)]),
+                     index_vectors=images.numpy())
+    texts = torch.cat([F.normalize(images[:20].mean(0), dim=0)[None],  # inside the cloud: many near it
+                       F.normalize(images[0] + 0.3 * images[1], dim=0)[None]])  # near image 0 above all
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=60, knn_temperature=0.2, knn_spread=0.5,
+                            knn_shrink=0.0)
+    cos = texts @ images.T
+    weights = torch.softmax(cos / 0.2, dim=-1)
+    count = 1 / weights.pow(2).sum(-1)  # the effective count of neighbours, per text
+    assert count[0] > 3 * count[1]
+    rows = texts.repeat_interleave(100, 0)
+    plain = bridge_text(g, rows, s, torch.Generator().manual_seed(3))
+    shrunk = bridge_text(g, rows, dataclasses.replace(s, knn_shrink=5.0), torch.Generator().manual_seed(3))
+    for t in range(2):  # the same neighbour drawn for each row, its step scaled by n / (n + 5)
+        offsets = images - weights[t] @ images
+        steps = 0.5 * offsets / (weights[t] @ offsets.pow(2).sum(-1)).sqrt()  # [60, D], one per neighbour
+        match = (plain[100 * t:100 * (t + 1), None] - F.normalize(texts[t] + steps, dim=-1)).abs().amax(-1) < 1e-5
+        assert match.sum(1).eq(1).all()
+        drawn = match.float().argmax(1)  # which neighbour each row drew
+        expected = F.normalize(texts[t] + steps[drawn] * count[t] / (count[t] + 5), dim=-1)
+        assert torch.allclose(shrunk[100 * t:100 * (t + 1)], expected, atol=1e-5)
+    assert (shrunk * rows).sum(-1).min() > (plain * rows).sum(-1).min()  # nearer the text
 
 
 @pytest.mark.parametrize("bridge", ["noise", "knn"])
