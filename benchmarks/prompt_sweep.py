@@ -1,10 +1,10 @@
 """Sweep of the sampling settings on a finished shapes run, scored on distribution and accuracy together.
 
 For every combination of inference bridge (none / noise / knn, the last at each ``--spreads`` and
-``--shrinks``), guidance scale, re-ranking and what re-ranking compares with (the prompt, or each draw's own condition), draw the
-evaluation's images and measure FD over its real floor in two feature spaces (the run's CLIP, which
-re-ranking optimises, and the judge's, which nothing optimises), precision and recall, and the judge's
-accuracy per attribute (:mod:`clipgen.sweep`). The chosen setting is the one closest to the real
+``--shrinks``), guidance scale, re-ranking and what re-ranking compares with (the prompt, or each draw's own
+condition), draw the evaluation's images and measure FD over its real floor in two feature spaces (the run's
+CLIP, which re-ranking optimises, and the judge's, which nothing optimises), precision and recall, and the
+judge's accuracy per attribute (:mod:`clipgen.sweep`). The chosen setting is the one closest to the real
 distribution among those that hold the accuracy floor; the defaults in ``pipelines/shapes.yaml`` are it.
 Prints one JSON line per setting and a final summary line.
 
