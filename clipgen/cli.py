@@ -17,6 +17,7 @@ from pathlib import Path
 
 from clipgen.config import ConfigError, PipelineConfig, config_yaml, load_config
 from clipgen.errors import ClipgenError
+from clipgen.report import HEADLINE_LABELS
 from clipgen.validate import validate_sample
 
 EPILOG = """examples:
@@ -84,8 +85,6 @@ def print_results(cfg: PipelineConfig, results: dict[str, dict]) -> None:
             print(f"  {stage:<14} {name:<10} {state:<7} {res['path']}")
     report = results.get("evaluate", {}).get("report")
     if report:
-        from clipgen.report import HEADLINE_LABELS
-
         print(f"\nreport: {Path(report['path']).resolve() / 'index.html'}")
         for key, label in HEADLINE_LABELS.items():
             if (value := report["headline"].get(key)) is not None:

@@ -27,7 +27,10 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants, try_to_load_from_cache
+from open_clip.pretrained import download_pretrained
 from PIL import Image
+from safetensors.torch import save_file
 from torchvision.transforms import ToTensor
 
 from clipgen.artifacts import atomic_path, file_digest, write_json_atomic
@@ -307,8 +310,6 @@ def _resolve_dir(model: str, folder: Path) -> _Source:
 def _tag_weights_file(model: str, tag: str, cfg: dict) -> str:
     """A local file for open_clip tag ``model:tag``: the cached one, or a download when that can work."""
     for repo_id, filename in _hf_candidates(cfg):
-        from huggingface_hub import try_to_load_from_cache
-
         hit = try_to_load_from_cache(repo_id, filename, cache_dir=_hf_cache_dir())
         if isinstance(hit, str):
             return hit
@@ -321,7 +322,6 @@ def _tag_weights_file(model: str, tag: str, cfg: dict) -> str:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub") else url
     if not _reachable(endpoint):
         raise ClipLoadError(_missing_weights(model, tag, cfg, f"{endpoint} cannot be reached"))
-    from open_clip.pretrained import download_pretrained
 
     cache_dir = _hf_cache_dir() if cfg.get("hf_hub") else None
     try:
@@ -353,8 +353,6 @@ def _hf_cache_dir() -> str:
 
 
 def _hf_offline() -> bool:
-    from huggingface_hub import constants
-
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     return flag or bool(constants.HF_HUB_OFFLINE)
 
@@ -383,8 +381,6 @@ def _missing_weights(model: str, tag: str, cfg: dict, reason: str) -> str:
 # --------------------------------------------------------------------------------------- saving
 def save_clip(clip: ClipModel, out_dir: str | Path) -> Path:
     """Write ``open_clip_model.safetensors`` + ``config.json`` (+ open_clip's own config) atomically."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in clip.net.state_dict().items()}

@@ -38,10 +38,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from clipgen.config import ConfigError, SampleConfig
 from clipgen.data.images_array import to_uint8
 from clipgen.data.world import ATTRIBUTES
+from clipgen.index import search
 from clipgen.judge import accuracy_of, prompt_hits
 from clipgen.models.gpt import bridge as noise_bridge
 from clipgen.sample import Sampling, sample_tokens
@@ -132,7 +134,6 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
         raise ValueError(f"unknown sample.bridge {s.bridge!r}; choose none, noise or knn")
     if gen.index is None or gen.index_vectors is None:
         raise ValueError("sample.bridge: knn needs the embedding cache's faiss index; none was loaded")
-    from clipgen.index import search
 
     unique, row_of = torch.unique(text, dim=0, return_inverse=True)  # search each distinct text once
     found = search(gen.index, unique.float().cpu().numpy(), min(s.knn_k, len(gen.index_vectors)))
@@ -235,8 +236,6 @@ def clip_scores(clip, images: np.ndarray, text: torch.Tensor) -> torch.Tensor:
 
 def write_outputs(result: Generated, out_dir: Path) -> Path:
     """``out_dir/<prompt>_s<seed>_<draw>.png`` per image, ``samples.csv`` and ``samples.json`` (with settings)."""
-    from PIL import Image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clipgen.models import gpt_attention_kernel
 from clipgen.models.gpt import GPT
 from clipgen.sample import Sampling, guide, pick_with_noise, with_null
 
@@ -72,9 +73,7 @@ class GraphedSampler:
         self.cache = (self.copy or model).new_cache(plan.rows, plan.cache_dtype, capacity)
         device = self.cache.k.device
         if plan.attention == "kernel":
-            from clipgen.models.gpt_attention_kernel import attend_filled
-
-            self.cache.kernel = attend_filled
+            self.cache.kernel = gpt_attention_kernel.attend_filled
         self.feed = torch.zeros(plan.rows, 1, dtype=torch.long, device=device)  # the token each step reads
         self.out = torch.zeros(plan.batch, shape.n_tokens, dtype=torch.long, device=device)
         self.noise = torch.ones(plan.batch, shape.vocab_size, dtype=torch.float32, device=device)
@@ -194,8 +193,6 @@ def sample_tokens_graphed(model: GPT, cond: torch.Tensor, s: Sampling | None = N
 @functools.cache
 def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton attention kernel compiles here and agrees with SDPA (checked once per dtype)."""
-    from clipgen.models import gpt_attention_kernel
-
     if not gpt_attention_kernel.available():
         return False
     try:

@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from clipgen.artifacts import write_json_atomic, write_text_atomic
 from clipgen.config import PipelineConfig, config_yaml, load_config
 from clipgen.cores import usable_cores
@@ -77,8 +79,6 @@ def stage_of(step: str) -> str:
 
 
 def side_by_side_allowed(cfg: PipelineConfig) -> bool:
-    import torch
-
     o = cfg.orchestration
     return (o.side_by_side and o.task_runner == "threads" and usable_cores() >= 2 and not torch.cuda.is_available()
             and cfg.train.devices * cfg.train.nodes == 1)
@@ -133,9 +133,7 @@ def run_chain_process(cfg: PipelineConfig, chain: Chain, cores: list[int]) -> di
 def main(argv: list[str]) -> None:
     config_file, results_file, *steps = argv
     cores = [int(c) for c in os.environ[CORES_ENV].split(",")]
-    os.sched_setaffinity(0, cores)  # before torch starts its threads; the stages size their work by it
-    import torch
-
+    os.sched_setaffinity(0, cores)  # before torch's first parallel work; the stages size their work by it
     torch.set_num_threads(len(cores))
     label = Chain(tuple(steps)).label
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [{label}] %(levelname)s %(name)s: %(message)s")

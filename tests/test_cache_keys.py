@@ -85,7 +85,7 @@ def test_a_changed_folder_embeds_only_the_shards_whose_files_changed(tmp_path, m
     """After a folder change the new embed artifact links each unchanged shard's embeddings from the run's
     earlier one (the same CLIP and settings) and embeds only the shards whose bytes changed, with the
     embeddings a cold run gives; another setting of the step reuses nothing."""
-    import clipgen.embed as embed_module
+    import clipgen.stages.clip_stage as clip_stage
     from clipgen.data.shards import read_manifest
     from clipgen.embed import cache_files, read_embeddings
     from clipgen.pipeline import run_step
@@ -104,8 +104,8 @@ def test_a_changed_folder_embeds_only_the_shards_whose_files_changed(tmp_path, m
             run_step(cfg, step)
         return plan(cfg)
 
-    real = embed_module.embed_shards
-    monkeypatch.setattr(embed_module, "embed_shards", lambda clip, jobs, *a, **k: embedded.extend(
+    real = clip_stage.embed_shards
+    monkeypatch.setattr(clip_stage, "embed_shards", lambda clip, jobs, *a, **k: embedded.extend(
         f"{out.parent.name}/{out.stem}" for _, out in jobs) or real(clip, jobs, *a, **k))
     embedded: list[str] = []
     before = embed(tmp_path / "run")

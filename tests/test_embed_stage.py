@@ -46,9 +46,9 @@ def test_rerun_skips_and_an_interrupted_embed_redoes_only_missing_shards(run, mo
     art.marker.unlink()
     calls = []
 
-    import clipgen.embed as embed_module
-    real = embed_module.embed_shards
-    monkeypatch.setattr(embed_module, "embed_shards", lambda clip, jobs, *a, **k: calls.extend(o.name for _, o in jobs)
+    import clipgen.stages.clip_stage as clip_stage
+    real = clip_stage.embed_shards
+    monkeypatch.setattr(clip_stage, "embed_shards", lambda clip, jobs, *a, **k: calls.extend(o.name for _, o in jobs)
                         or real(clip, jobs, *a, **k))
     result = run_step(run, "embeddings")
     assert result["cached"] is False and calls == [files[1].name]

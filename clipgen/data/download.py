@@ -24,6 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
 from clipgen.artifacts import file_digest
 from clipgen.config import DataConfig
 from clipgen.data.shards import Skipped
@@ -50,8 +54,6 @@ class DownloadedRow(NamedTuple):
 
 def split_url_list(data: DataConfig, url_list: Path, input_format: str, staging: Path) -> list[Part]:
     """Cut the URL list into parts (kept from an earlier run of the same list and part size)."""
-    import pyarrow.parquet as pq
-
     lists = staging / LISTS
     stamp = {"sha256": file_digest(url_list), "part_size": data.download_part_size,
              "columns": [data.url_column, data.caption_column]}
@@ -72,10 +74,6 @@ def split_url_list(data: DataConfig, url_list: Path, input_format: str, staging:
 
 
 def _read_url_list(path: Path, input_format: str, columns: list[str]):
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
     if input_format == "parquet":
         table = pq.read_table(path, columns=columns)
     else:
@@ -135,8 +133,6 @@ def import_img2dataset() -> Callable[..., Any]:
 # -------------------------------------------------------------------------------------- results
 def read_download_results(folder: Path) -> tuple[list[DownloadedRow], list[Skipped]]:
     """img2dataset's successes in one part (located inside its tars) and its failures (as skipped inputs)."""
-    import pyarrow.parquet as pq
-
     rows: list[DownloadedRow] = []
     skipped: list[Skipped] = []
     for table_path in sorted(folder.glob("*.parquet")):

@@ -245,7 +245,7 @@ class _WorkerStream(IterableDataset):
         return [self.shards[i] for i in order[self.rank::self.world_size][worker::n_workers]]
 
     def _samples(self, epoch: int, shards: list[tuple[str, int]], worker: int) -> Iterator[dict]:
-        import webdataset as wds  # imported here: only the streaming path needs it
+        import webdataset as wds  # here: only the streaming path needs it, and the GPU host's Python lacks it
 
         # the shard list is already split by rank and worker and ordered by the seeded epoch shuffle
         urls = [str(path) for path, _ in shards]

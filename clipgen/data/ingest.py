@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pyarrow.parquet as pq
+
 from clipgen.config import DataConfig
 from clipgen.data.download import (
     DownloadedRow,
@@ -251,8 +253,6 @@ def check_url_list(data: DataConfig) -> tuple[Path, str]:
 
 def _columns(path: Path, input_format: str) -> list[str]:
     if input_format == "parquet":
-        import pyarrow.parquet as pq
-
         return list(pq.read_schema(path).names)
     with open(path, newline="", encoding="utf-8") as f:
         return next(csv.reader(f, delimiter="\t" if input_format == "tsv" else ","), [])

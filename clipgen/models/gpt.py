@@ -30,6 +30,7 @@ from torch import nn
 
 from clipgen.artifacts import atomic_path, write_json_atomic
 from clipgen.models.gpt_cache import KVCache
+from clipgen.models.vqgan import state_dict_for_save
 
 
 @dataclass(frozen=True)
@@ -290,8 +291,6 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 def save_gpt(model: GPT, directory: Path, extra: dict | None = None) -> None:
     """``model.safetensors`` + ``config.json`` (the shape, so the folder rebuilds with no other file)."""
-    from clipgen.models.vqgan import state_dict_for_save
-
     directory = Path(directory)
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file(state_dict_for_save(model), str(tmp))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import vgg16
 
@@ -87,8 +88,6 @@ def _first(folder: Path, names: tuple[str, ...]) -> Path:
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -22,6 +22,9 @@ from clipgen.config import PipelineConfig, to_dict
 from clipgen.cores import free_cpu_threads, torch_threads
 from clipgen.data.images_array import decode_image
 from clipgen.data.shards import iter_shard, shard_paths
+from clipgen.data.world import COLOUR_NAMES, SHAPES
+from clipgen.embed import cache_files, embed_shards, read_embeddings
+from clipgen.index import build_index, save_index
 from clipgen.stages import ShardJob, pending_shard_jobs, reuse_other_shards_work
 
 EMBED_SPLITS = ("train", "heldout")
@@ -80,7 +83,6 @@ def build_toyclip(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, m
 
 def probe_clip(clip, held: LabeledImages) -> dict[str, Any]:
     """Zero-shot accuracy per attribute (nearest class prompt) and the image/text modality gap."""
-    from clipgen.data.world import COLOUR_NAMES, SHAPES
     from clipgen.train.clip_trainer import modality_gap, zero_shot_accuracy
 
     labels = {"colour": [m["colour"] for m in held.meta], "shape": [m["shape"] for m in held.meta]}
@@ -163,8 +165,6 @@ class EmbedShards(NamedTuple):
     decoder: str
 
     def __call__(self, group: ShardGroup) -> dict[str, Any]:
-        from clipgen.embed import embed_shards
-
         count = skipped = 0
         clip = process_clip(self.model, self.weights)
         for result in embed_shards(clip, [(job.shard, job.out) for job in group.jobs], self.batch_size,
@@ -175,9 +175,6 @@ class EmbedShards(NamedTuple):
 
 
 def build_embeddings(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.embed import cache_files, read_embeddings
-    from clipgen.index import build_index, save_index
-
     embed = EmbedShards(cfg.clip.model, clip_weights(cfg, inputs), cfg.clip.batch_size, cfg.clip.decoder)
     shards = inputs["shards"].path
     jobs = pending_shard_jobs("embed", shards, EMBED_SPLITS, out)

@@ -29,9 +29,25 @@ import torch
 
 from clipgen.artifacts import Artifact, content_digest, weights_identity
 from clipgen.config import ConfigError, PipelineConfig, SampleConfig, to_dict
-from clipgen.metrics import MIN_IMAGES_PER_SET
-from clipgen.report import HEADLINE_LABELS
+from clipgen.data.images_array import to_model_input, to_uint8
+from clipgen.data.world import BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, SIZE_WORDS
+from clipgen.generate import check_prompts, generate, judged_per_prompt
+from clipgen.index import search
+from clipgen.judge import accuracy_of, attribute_mix, prompt_hits
+from clipgen.metrics import (
+    MIN_IMAGES_PER_SET,
+    check_inception_weights,
+    clip_score,
+    fidelity_metrics,
+    inception_metrics,
+    r_precision,
+    register_clip_extractor,
+    register_judge_extractor,
+    similarity_summary,
+)
+from clipgen.report import HEADLINE_LABELS, write_report
 from clipgen.stages.clip_stage import LabeledImages, read_labeled_split
+from clipgen.stages.generate_stage import load_generator
 
 MAX_CAPTION_PROMPTS = 64  # evaluation prompts taken from held-out captions when none are configured
 
@@ -56,7 +72,6 @@ def text_group(text: str, world: bool) -> Any:
     """A text's attribute combination: (colour, shape) words on the shapes world, else the text itself."""
     if not world:
         return text
-    from clipgen.data.world import COLOUR_NAMES, SHAPES
 
     words = set(text.lower().replace(",", " ").split())
     return (next((c for c in COLOUR_NAMES if c in words), None), next((s for s in SHAPES if s in words), None))
@@ -69,8 +84,6 @@ def world_prompt(colour: str, shape: str) -> str:
 def attribute_prompts() -> list[str]:
     """One prompt per colour-shape pair of the world that also names a size and a background, cycling through
     all nine (size, background) pairs: what the judge's size and background accuracy is measured on."""
-    from clipgen.data.world import BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, SIZE_WORDS
-
     prompts = []
     for i, (colour, shape) in enumerate((c, s) for c in COLOUR_NAMES for s in SHAPES):
         size, background = SIZE_WORDS[i % 3], BACKGROUND_NAMES[(i // 3) % 3]
@@ -79,15 +92,11 @@ def attribute_prompts() -> list[str]:
 
 
 def eval_prompts(cfg: PipelineConfig, held_meta: list[dict]) -> list[str]:
-    from clipgen.generate import check_prompts
-
     if cfg.eval.prompts:
         return check_prompts(cfg.eval.prompts)
     if cfg.data.source != "world" and cfg.sample.prompts and not any(m.get("caption") for m in held_meta):
         return check_prompts(cfg.sample.prompts)  # uncaptioned data: the prompts the run samples
     if cfg.data.source == "world":
-        from clipgen.data.world import COLOUR_NAMES, SHAPES
-
         return [world_prompt(c, s) for c in COLOUR_NAMES for s in SHAPES]
     captions = list(dict.fromkeys(m["caption"] for m in held_meta if m.get("caption")))[:MAX_CAPTION_PROMPTS]
     if not captions:
@@ -137,8 +146,6 @@ def distractor_pool(held_meta: list[dict], prompts: list[str]) -> list[str]:
 
 def anchor_sets(cfg: PipelineConfig, gen, held, prompts: list[str], n: int) -> list[ImageSet]:
     """Held-out real images, their VQGAN reconstructions and random token grids, ``n`` of each."""
-    from clipgen.data.images_array import to_model_input, to_uint8
-
     world = cfg.data.source == "world"
     n = min(n, len(held.images))  # a small held-out split gives fewer anchors than samples
     texts = real_texts(cfg, held.meta[:n])
@@ -173,8 +180,6 @@ def text_alignment(clip, sets: list[ImageSet], image_emb: dict[str, torch.Tensor
                    pool_groups: list[Any], distractors: int, seed: int) -> dict[str, dict[str, Any]]:
     """CLIP score and R-precision of every set, scored by ``clip`` (``image_emb``: each set's images embedded
     by it); None for a set without texts (real images of an uncaptioned folder)."""
-    from clipgen.metrics import clip_score, r_precision
-
     pool = clip.encode_texts(pool_texts).cpu()
     out = {}
     for s in sets:
@@ -196,8 +201,6 @@ def judged(judge, s: ImageSet, held_combos: list[str]) -> dict[str, Any]:
     """Judge accuracy on every attribute the texts name (over the texts that name it; None where none does),
     on shape and colour together (``both``), on both for seen and held-out combinations, and the ``mix`` of
     sizes and backgrounds the judge reads (:func:`clipgen.judge.attribute_mix`)."""
-    from clipgen.judge import accuracy_of, attribute_mix, prompt_hits
-
     verdict = judge.predict(s.images)
     hits = prompt_hits(s.texts, verdict)
     held = held_out_groups(held_combos)
@@ -213,8 +216,6 @@ HELD_OUT_SET = "held-out combinations"
 def more_held_out_draws(cfg: PipelineConfig, gen, samples: ImageSet, settings) -> ImageSet | None:
     """The samples' images of held-out colour-shape combinations plus more of each, drawn with the next seed, up
     to ``eval.held_out_images_per_prompt`` per combination; None when that adds none (or no prompt is one)."""
-    from clipgen.generate import generate
-
     held = held_out_groups(cfg.data.world.held_out_combos)
     rows = [i for i, g in enumerate(samples.groups) if g in held]
     prompts = list(dict.fromkeys(samples.texts[i] for i in rows))
@@ -239,13 +240,6 @@ def fidelity_rows(cfg: PipelineConfig, gen, sets: list[ImageSet], train_real: np
     """FD/KID/PR of every set against the held-out ``reference`` (the real-images row measures train images: the
     floor) in the run's CLIP space, and as ``fd_judge`` etc. in the judge's feature space where there is a judge;
     plus Inception FID/IS of samples and real images when configured."""
-    from clipgen.metrics import (
-        fidelity_metrics,
-        inception_metrics,
-        register_clip_extractor,
-        register_judge_extractor,
-    )
-
     cuda = gen.clip.device.type == "cuda"
     root = cfg.run_path / "cache" / "fidelity"
     reference_name = reference_cache_name(reference)
@@ -268,12 +262,6 @@ def fidelity_rows(cfg: PipelineConfig, gen, sets: list[ImageSet], train_real: np
 
 
 def build_report(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.generate import generate, judged_per_prompt
-    from clipgen.index import search
-    from clipgen.metrics import check_inception_weights, similarity_summary
-    from clipgen.report import write_report
-    from clipgen.stages.generate_stage import load_generator
-
     e, world = cfg.eval, cfg.data.source == "world"
     if e.inception_weights:
         check_inception_weights(e.inception_weights)  # fail before the expensive part

@@ -21,6 +21,12 @@ import torch
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, SampleConfig, to_dict
 from clipgen.data.shards import iter_shard, shard_paths
+from clipgen.embed import cache_files, read_embeddings
+from clipgen.generate import Generator, draw, generate, judged_per_prompt, write_outputs
+from clipgen.index import load_index
+from clipgen.judge import accuracy_of, prompt_hits
+from clipgen.models.gpt import load_gpt
+from clipgen.models.vqgan import load_vqgan
 from clipgen.stages.clip_stage import default_device, run_clip
 from clipgen.stages.ingest_stage import load_judge_if_any
 
@@ -37,12 +43,6 @@ def generate_config(cfg: PipelineConfig) -> dict[str, Any]:
 def load_generator(cfg: PipelineConfig, artifacts: dict[str, Artifact], device: str | None = None):
     """The run's CLIP, VQGAN, transformer, faiss index and (shapes world) judge from ``artifacts`` (a step's
     inputs, or :func:`clipgen.pipeline.plan`); each must be built."""
-    from clipgen.embed import cache_files, read_embeddings
-    from clipgen.generate import Generator
-    from clipgen.index import load_index
-    from clipgen.models.gpt import load_gpt
-    from clipgen.models.vqgan import load_vqgan
-
     for name in ("embeddings", "vqgan", "gpt"):
         if not artifacts[name].is_complete():
             raise FileNotFoundError(f"the run in {cfg.run_path} has no finished {name!r} step "
@@ -63,9 +63,6 @@ def prompt_accuracy(gen, prompts: list[str], s: SampleConfig, held_out_combos: l
     """Generate ``s.n_per_prompt`` images per prompt and judge them: shape and colour together (``accuracy``),
     for combinations seen as training images and held out of them, each other attribute over the prompts that
     name it, and per prompt."""
-    from clipgen.generate import generate, judged_per_prompt
-    from clipgen.judge import accuracy_of, prompt_hits
-
     result = generate(gen, prompts, s)
     if result.verdict is None:
         raise ValueError("prompt accuracy needs the shapes world's judge")
@@ -99,8 +96,6 @@ def image_conditioned_accuracy(gen, heldout: Embeddings, labels: dict[str, tuple
                                n: int = CONDITIONED_SAMPLES) -> dict[str, Any]:
     """One image per held-out image embedding (the run's sample.* settings, its re-ranking against the
     conditioning embedding included); how often the judge sees that image's shape and colour."""
-    from clipgen.generate import draw
-
     rows = [i for i, k in enumerate(heldout.keys) if k in labels][:n]
     if not rows:
         return {"images": 0}
@@ -118,9 +113,6 @@ def image_conditioned_accuracy(gen, heldout: Embeddings, labels: dict[str, tuple
 
 
 def build_generate(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.embed import cache_files, read_embeddings
-    from clipgen.generate import generate, write_outputs
-
     if not cfg.sample.prompts:
         raise ValueError("sample.prompts is empty: the generate stage needs the prompt set to draw")
     gen = load_generator(cfg, inputs)

@@ -12,7 +12,11 @@ from typing import Any
 
 from clipgen.artifacts import Artifact
 from clipgen.config import PipelineConfig, to_dict
+from clipgen.embed import cache_files, read_embeddings
+from clipgen.models.vqgan import load_vqgan
 from clipgen.stages.clip_stage import default_device, run_clip
+from clipgen.tokenize import read_tokens
+from clipgen.train.gpt_trainer import Consistency, fit, join_by_key
 
 
 def gpt_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -21,19 +25,12 @@ def gpt_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def load_split_pairs(embeddings: Path, tokens: Path, split: str):
     """The (embedding, tokens) pairs of one split, joined by key, plus the join's counts."""
-    from clipgen.embed import cache_files, read_embeddings
-    from clipgen.tokenize import read_tokens
-    from clipgen.train.gpt_trainer import join_by_key
-
     emb = read_embeddings(cache_files(embeddings, split))
     tok = read_tokens(cache_files(tokens, split))
     return join_by_key(emb.keys, emb.vectors, tok.keys, tok.tokens)
 
 
 def build_gpt(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
-    from clipgen.models.vqgan import load_vqgan
-    from clipgen.train.gpt_trainer import Consistency, fit
-
     train, counts = load_split_pairs(inputs["embeddings"].path, inputs["tokens"].path, "train")
     heldout, _ = load_split_pairs(inputs["embeddings"].path, inputs["tokens"].path, "heldout")
     device = default_device()

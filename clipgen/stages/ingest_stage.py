@@ -7,6 +7,8 @@ from typing import Any
 
 from clipgen.artifacts import Artifact, content_digest, listing_digest
 from clipgen.config import PipelineConfig, to_dict
+from clipgen.data.ingest import ingest_folder, ingest_urls
+from clipgen.data.world import ingest_world
 
 
 def shards_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -23,16 +25,10 @@ def shards_config(cfg: PipelineConfig) -> dict[str, Any]:
 def build_shards(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, map_fn) -> dict[str, Any]:
     """One shard per task on the task runner (:mod:`clipgen.data.shard_parts`), whatever the source."""
     if cfg.data.source == "world":
-        from clipgen.data.world import ingest_world
-
         manifest = ingest_world(cfg.data, out, map_fn)
     elif cfg.data.source == "folder":
-        from clipgen.data.ingest import ingest_folder
-
         manifest = ingest_folder(cfg.data, out, map_fn)
     else:
-        from clipgen.data.ingest import ingest_urls
-
         manifest = ingest_urls(cfg.data, out, map_fn)
     return {"counts": manifest["counts"], "skipped_by_reason": manifest["skipped_by_reason"],
             "notes": manifest.get("notes", {}), "inputs": manifest["inputs"]}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from clipgen.config import TrainConfig, VQGANConfig, to_dict
@@ -137,8 +138,6 @@ def _save(parts: _Parts, out_dir: Path, step: int, run_config: dict, position: d
 
 def _save_grid(model: VQGAN, batch: torch.Tensor, path: Path) -> None:
     """uint8 images [8, H, W, 3] in the top row, their reconstructions below."""
-    from torchvision.utils import save_image
-
     device = next(model.parameters()).device
     images = to_model_input(batch).to(device)
     model.eval()
