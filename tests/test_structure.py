@@ -16,19 +16,6 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_nodes(tree: ast.AST):
-    """Every node outside ``if TYPE_CHECKING:`` blocks."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                todo.extend(child.orelse)
-            else:
-                todo.append(child)
-
-
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 # What a function may import where it runs, not at its module's top: a package that costs 0.3 s or more to
 # import after torch (measured on the 2-core CPU: open_clip 2.1, img2dataset 1.6, torchvision 1.2,
@@ -61,6 +48,7 @@ def module_imports(module: str) -> tuple[set[str], list[tuple[int, set[str]]]]:
     def walk(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                walk(ast.Module(body=child.orelse, type_ignores=[]), in_function)  # only the else runs
                 continue
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 names = imported_names(child, module)
