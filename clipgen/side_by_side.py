@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,19 +101,42 @@ def thread_map(fn, items) -> list:
 def run_side_by_side(cfg: PipelineConfig, chains: list[Chain], map_fn: MapFn = thread_map) -> dict[str, dict]:
     """Run ``chains`` at once, each in a child process on its share of the cores; returns {step: result} as
     :func:`clipgen.pipeline.run_step` gives it. ``map_fn`` must run its items concurrently (the flow passes
-    Prefect's thread-pool mapping). With more chains than cores, a chain waits for the cores of one that ends."""
-    free: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-    for group in core_groups(min(len(chains), usable_cores())):
-        free.put(group)
+    Prefect's thread-pool mapping). With more chains than cores, a chain waits for the cores of one that ends;
+    chains get cores in the order given (:class:`CoreTurns`), whichever of ``map_fn``'s threads starts first."""
+    turns = CoreTurns(core_groups(min(len(chains), usable_cores())))
 
-    def run(chain: Chain) -> dict[str, dict]:
-        cores = free.get()
+    def run(numbered: tuple[int, Chain]) -> dict[str, dict]:
+        turn, chain = numbered
+        cores = turns.take(turn)
         try:
             return run_chain_process(cfg, chain, cores)
         finally:
-            free.put(cores)
+            turns.give_back(cores)
 
-    return {step: result for found in map_fn(run, chains) for step, result in found.items()}
+    return {step: result for found in map_fn(run, list(enumerate(chains))) for step, result in found.items()}
+
+
+class CoreTurns:
+    """Core groups handed out strictly in turn order: turn ``i`` gets the first free group once turns ``0..i-1``
+    have theirs. Without turns, threads that start in another order give the long chains' cores to a short one
+    (a cold demo once started the judge beside the tokenizer and left the CLIP chain, the longest there, to
+    wait for it)."""
+
+    def __init__(self, groups: list[list[int]]):
+        self.free, self.next_turn = list(groups), 0
+        self.changed = threading.Condition()
+
+    def take(self, turn: int) -> list[int]:
+        with self.changed:
+            self.changed.wait_for(lambda: self.next_turn == turn and self.free)
+            self.next_turn += 1
+            self.changed.notify_all()
+            return self.free.pop(0)
+
+    def give_back(self, cores: list[int]) -> None:
+        with self.changed:
+            self.free.append(cores)
+            self.changed.notify_all()
 
 
 def run_chain_process(cfg: PipelineConfig, chain: Chain, cores: list[int]) -> dict[str, dict]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from conftest import TINY_RUN
 
 from clipgen.config import load_config
 from clipgen.pipeline import STEPS, STEPS_BY_NAME, parse_stages, plan, run_step
-from clipgen.side_by_side import SIDE_BY_SIDE, Chain, core_groups, plan_phases, run_side_by_side
+from clipgen.side_by_side import SIDE_BY_SIDE, Chain, CoreTurns, core_groups, plan_phases, run_side_by_side
 
 
 def tiny(tmp_path, *overrides):
@@ -71,3 +74,22 @@ def test_side_by_side_builds_what_the_plan_names_and_a_failed_chain_keeps_the_ot
     with pytest.raises(RuntimeError, match="toyclip -> embeddings failed in its own process"):
         run_side_by_side(broken, [Chain(("toyclip", "embeddings")), Chain(("judge",))])
     assert plan(broken)["judge"].is_complete() and not plan(broken)["toyclip"].is_complete()
+
+
+def test_cores_go_to_the_chains_in_turn_whichever_thread_asks_first():
+    turns, got = CoreTurns([[0], [1]]), {}
+
+    def take(turn):
+        got[turn] = turns.take(turn)
+
+    asking = [threading.Thread(target=take, args=(turn,)) for turn in (2, 1)]  # the later turns ask first
+    for thread in asking:
+        thread.start()
+    time.sleep(0.2)  # room for them to jump the queue, were there no turns (not a timing assertion)
+    assert got == {}
+    take(0)
+    asking[1].join(10)
+    assert got == {0: [0], 1: [1]} and asking[0].is_alive()  # the third waits for a group to come back
+    turns.give_back(got[1])
+    asking[0].join(10)
+    assert got[2] == [1]
