@@ -67,10 +67,10 @@ STEPS: tuple[Step, ...] = (
     Step("gpt", "train-gpt", "ckpt/gpt", ("embeddings", "tokens", "vqgan", "toyclip"), "2",
          gpt_stage.gpt_config, gpt_stage.build_gpt, distributed=True),
     # the shards' held-out labels and the judge score the image-conditioned draws (shapes world)
-    Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "2",
+    Step("samples", "generate", "samples", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "3",
          generate_stage.generate_config, generate_stage.build_generate),
     # the shards and judge ids cover the held-out reference set and the scorer
-    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "7",
+    Step("report", "evaluate", "report", ("gpt", "vqgan", "embeddings", "toyclip", "shards", "judge"), "8",
          evaluate_stage.evaluate_config, evaluate_stage.build_report),
 )
 STEPS_BY_NAME = {s.name: s for s in STEPS}

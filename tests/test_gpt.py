@@ -107,33 +107,47 @@ def test_static_single_token_step_matches_decode(model):
 
 
 def test_written_out_attention_matches_the_fused_kernel():
-    from clipgen.models.gpt import written_out_causal_attention
+    from clipgen.models.gpt import written_out_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 11, 8, generator=g, requires_grad=True) for _ in range(3))
     fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mine = written_out_causal_attention(q, k, v, dropout=0.0)
+    mine = written_out_attention(q, k, v, dropout=0.0, causal=True)
     assert torch.allclose(mine, fused, atol=1e-6)
     grads = torch.autograd.grad(mine.square().sum(), (q, k, v))
     fused_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, fused_grads, strict=True))
     changed = v.detach().clone()
     changed[:, :, 5:] += 1.0  # later values never reach earlier outputs
-    assert torch.allclose(written_out_causal_attention(q, k, changed, 0.0)[:, :, :5], mine[:, :, :5])
+    assert torch.allclose(written_out_attention(q, k, changed, 0.0, causal=True)[:, :, :5], mine[:, :, :5])
+    # one new query over every cached key (a sampling step): no mask
+    one = written_out_attention(q[:, :, -1:], k, v, dropout=0.0, causal=False)
+    assert torch.allclose(one, F.scaled_dot_product_attention(q[:, :, -1:], k, v), atol=1e-6)
 
 
-def test_cpu_bf16_forward_uses_the_written_out_attention_and_stays_close(model, monkeypatch):
+def test_cpu_attention_is_written_out_where_the_fused_kernel_is_slow(model, monkeypatch):
+    """Under bf16 autocast the training forward, and in fp32 each single-token sampling step, attend through
+    written_out_attention, and stay close to the fused kernel's results."""
     import clipgen.models.gpt as gpt_module
 
     cond, tokens = batch()
     reference = model(cond, tokens)
     calls = []
-    original = gpt_module.written_out_causal_attention
-    monkeypatch.setattr(gpt_module, "written_out_causal_attention", lambda *a: calls.append(1) or original(*a))
+    original = gpt_module.written_out_attention
+    monkeypatch.setattr(gpt_module, "written_out_attention", lambda *a: calls.append(a[-1]) or original(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(cond, tokens).float()
-    assert len(calls) == SHAPE.n_layer
+    assert calls == [True] * SHAPE.n_layer
     assert (low.softmax(-1) - reference.softmax(-1)).abs().max() < 0.02
+
+    calls.clear()
+    cache = model.new_cache(len(cond))
+    model.prefill(cond, cache)  # the prefix: the fused causal kernel in fp32
+    assert calls == []
+    for i in range(3):
+        stepped = model.decode(tokens[:, i:i + 1], cache)
+        assert torch.allclose(stepped, model.next_logits_uncached(cond, tokens[:, :i + 1]), atol=1e-5)
+    assert calls == [False] * 3 * SHAPE.n_layer
 
 
 def test_2d_rotary_positions_depend_on_the_grid_offset_only():

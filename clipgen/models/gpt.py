@@ -114,20 +114,23 @@ class Attention(nn.Module):
             rows = torch.arange(start, start + t, device=x.device)[:, None]
             mask, causal = rows >= torch.arange(start + t, device=x.device)[None, :], False
         dropout = self.dropout if self.training else 0.0
-        if causal and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            y = written_out_causal_attention(q, k, v, dropout)
+        if q.device.type == "cpu" and (causal and q.dtype == torch.bfloat16 or t == 1 and mask is None):
+            y = written_out_attention(q, k, v, dropout, causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))  # y: [B, H, T, C/H] -> [B, T, C]
 
 
-def written_out_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Causal attention as plain matmuls, the softmax in fp32. On CPU under bf16 autocast PyTorch's fused
-    kernel took ~5x longer (forward + backward at the tiny preset) than this; elsewhere use the fused one."""
-    t = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    weights = F.dropout(scores.masked_fill(future, float("-inf")).softmax(-1), dropout, training=dropout > 0)
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, causal: bool
+                          ) -> torch.Tensor:
+    """Attention as plain matmuls, the softmax in fp32. On CPU PyTorch's fused kernel took ~5x longer than this
+    for causal attention under bf16 autocast (forward + backward at the tiny preset), and twice as long for one
+    new token over the KV cache (a sampling step, fp32); elsewhere use the fused one."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # [B, H, Tq, Tk]
+    if causal:
+        t = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    weights = F.dropout(scores.softmax(-1), dropout, training=dropout > 0)
     return weights.to(v.dtype) @ v
 
 
