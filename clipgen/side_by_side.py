@@ -105,24 +105,14 @@ def run_side_by_side(cfg: PipelineConfig, chains: list[Chain], map_fn: MapFn = t
     chains get cores in the order given (:class:`CoreTurns`), whichever of ``map_fn``'s threads starts first."""
     turns = CoreTurns(core_groups(min(len(chains), usable_cores())))
 
-    def run(item: ChainTurn) -> dict[str, dict]:
-        cores = turns.take(item.turn)
+    def run(chain: Chain) -> dict[str, dict]:
+        cores = turns.take(chains.index(chain))
         try:
-            return run_chain_process(cfg, item.chain, cores)
+            return run_chain_process(cfg, chain, cores)
         finally:
             turns.give_back(cores)
 
-    items = [ChainTurn(turn, chain) for turn, chain in enumerate(chains)]
-    return {step: result for found in map_fn(run, items) for step, result in found.items()}
-
-
-class ChainTurn(NamedTuple):
-    turn: int  # its place in the order chains get cores in
-    chain: Chain
-
-    @property
-    def label(self) -> str:  # the Prefect task's name
-        return self.chain.label
+    return {step: result for found in map_fn(run, chains) for step, result in found.items()}
 
 
 class CoreTurns:

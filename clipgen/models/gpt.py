@@ -114,7 +114,7 @@ class Attention(nn.Module):
             rows = torch.arange(start, start + t, device=x.device)[:, None]
             mask, causal = rows >= torch.arange(start + t, device=x.device)[None, :], False
         dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and (causal and q.dtype == torch.bfloat16 or t == 1 and mask is None):
+        if q.device.type == "cpu" and ((causal and q.dtype == torch.bfloat16) or (t == 1 and mask is None)):
             y = written_out_attention(q, k, v, dropout, causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
