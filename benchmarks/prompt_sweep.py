@@ -4,13 +4,14 @@ For every combination of inference bridge (none / noise / knn, the last at each 
 ``--shrinks``), guidance scale, re-ranking and what re-ranking compares with (the prompt, or each draw's own
 condition), draw the evaluation's images and measure FD over its real floor in two feature spaces (the run's
 CLIP, which re-ranking optimises, and the judge's, which nothing optimises), precision and recall, and the
-judge's accuracy per attribute (:mod:`clipgen.sweep`). The chosen setting is the one closest to the real
+judge's accuracy per attribute (:mod:`clipgen.sweep`). ``--vary FIELD=V1,V2`` crosses every setting with more
+values of any other ``sample`` field. The chosen setting is the one closest to the real
 distribution among those that hold the accuracy floor; the defaults in ``pipelines/shapes.yaml`` are it.
 Prints one JSON line per setting and a final summary line.
 
     python benchmarks/prompt_sweep.py --run runs/shapes [--scales 1,1.5,2] [--rerank 0,4] [--spreads 0.3,0.5]
         [--shrinks 0,20] [--rerank-against prompt,condition,both,prompt_then_condition] [--prompt-weights 0.25,1]
-        [--prompt-margins 0.04,0.08] [--set k=v]
+        [--prompt-margins 0.04,0.08] [--vary knn_centre_margin=0,0.1 ...] [--set k=v]
 
 An ablation's transformer is named by the same overrides it was trained with, e.g. after
 ``clipgen run pipelines/shapes.yaml --stages train-gpt --set gpt.noise_level=0.5``:
@@ -54,7 +55,19 @@ def settings(cfg, args) -> list[dict]:
                 out.extend({"bridge": bridge, "knn_spread": spread, "knn_shrink": shrink, "cfg_scale": scale,
                             "rerank_candidates": rerank, "rerank_against": against, "rerank_prompt_weight": float(w),
                             "rerank_prompt_margin": float(m)} for w in weights for m in margins)
-    return out
+    return [setting | dict(varied) for setting in out for varied in itertools.product(*extra_values(cfg, args))]
+
+
+def extra_values(cfg, args) -> list[list[tuple[str, object]]]:
+    """``--vary FIELD=V1,V2``: for each field, its ``(field, value)`` pairs, typed as the run's own value."""
+    extra = []
+    for spec in args.vary:
+        name, _, values = spec.partition("=")
+        if not hasattr(cfg.sample, name) or not values:
+            raise SystemExit(f"--vary {spec!r}: give a sample field and its values, e.g. knn_centre_margin=0,0.1")
+        kind = type(getattr(cfg.sample, name))
+        extra.append([(name, kind(v)) for v in values.split(",")])
+    return extra
 
 
 def main() -> None:
@@ -70,6 +83,8 @@ def main() -> None:
                         "prompt_then_condition (default: the run's own)")
     parser.add_argument("--prompt-weights", default="", help="sample.rerank_prompt_weight values for re-ranking "
                         "against both; default: the run's")
+    parser.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
+                        help="more values of any sample field, crossed with every setting (repeatable)")
     parser.add_argument("--out", help="also write the report here (JSON, rewritten after each setting)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides naming which transformer to sweep, e.g. --set gpt.steps=1000")
