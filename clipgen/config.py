@@ -184,6 +184,10 @@ class SampleConfig:
     # a text's step is spread * n / (n + knn_shrink), n = 1 / sum(weight ** 2) its neighbours' effective count:
     # short for a text that few train images match (a held-out combination); 0 = off
     knn_shrink: float = 0.0
+    # the draws' centre moves from the text towards the plain mean of its neighbours within this cosine of the
+    # nearest one, by c / (c + knn_centre_prior) for c of them; 0 = the text is the centre
+    knn_centre_margin: float = 0.0
+    knn_centre_prior: float = 500.0
     rerank_candidates: int = 0  # sample this many per image and keep the CLIP-best; 0 = off
     # CLIP-best against the text, the draw's own bridged condition, the two together, or the condition among
     # those near the best match to the text (clipgen.generate)

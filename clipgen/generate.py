@@ -8,7 +8,8 @@
    noise per draw); or ``knn``: each draw takes one of the ``k`` train image embeddings nearest the text
    (faiss index), picked with weight ``softmax(cos / temperature)``, and keeps the text as the mean but the
    neighbour's offset from the weighted mean of the ``k`` (scaled to RMS length ``spread``, shortened for a text
-   that few train images match) as its variation: ``normalize(text + spread * (neighbour - mean) / rms)``;
+   that few train images match) as its variation: ``normalize(text + spread * (neighbour - mean) / rms)``,
+   optionally around a centre moved from the text towards the mean of its own images (``knn_centre_margin``);
 3. samples token grids with the KV cache, temperature, top-k, top-p and classifier-free guidance;
 4. decodes them with the VQGAN;
 5. optionally draws ``rerank_candidates`` per image and keeps the one whose CLIP image embedding is
@@ -125,7 +126,15 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
     count ``n = 1 / sum(w ** 2)`` of 7-35 on the shapes run, against 500-1200 for a shown combination), whose
     offsets say more about those few images' own shape and colour than about how the text's images vary. With
     ``knn_shrink`` ``n0`` > 0 the step is trusted as an average of ``n`` samples against a prior of ``n0``:
-    its length is ``knn_spread * n / (n + n0)``."""
+    its length is ``knn_spread * n / (n + n0)``.
+
+    The text need not sit at the centre of its images. A toy CLIP's "a red star" sits nearest the small red
+    stars (over the shown combinations, cosine 0.825 on average against 0.803 for the large ones), so draws
+    around it come out small too often. With ``knn_centre_margin`` ``m`` > 0 the draws' centre moves from the
+    text towards the plain mean of the ``c`` neighbours whose cosine is within ``m`` of the nearest one's (the
+    text's own images, each size as often as the train split has it), by ``t = c / (c + knn_centre_prior)``:
+    ``normalize(text + t * (centre_mean - text) + step)``. A held-out pair has a few dozen such neighbours, of
+    other shapes, and barely moves; a shown one has a thousand or more."""
     if s.bridge == "none":
         return text
     if s.bridge == "noise":
@@ -153,10 +162,25 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
     if s.knn_shrink > 0:  # shorter steps where few neighbours carry the weight
         count = effective_count(weights)
         rms = rms * (count + s.knn_shrink) / count
+    centre = text.float()
+    if s.knn_centre_margin > 0:
+        shift = centre_shift(unique.float().cpu(), cos, rows, neighbours, s)
+        centre = centre + shift.to(text.device)[row_of]
     pick = torch.multinomial(weights.to(text.device)[row_of], 1, generator=generator)[:, 0].cpu()  # [R]
     row_of = row_of.cpu()
     offset = (neighbours(rows[row_of.numpy(), pick.numpy()]) - mean[row_of]) / rms[row_of, None]
-    return F.normalize(text.float() + s.knn_spread * offset.to(text.device), dim=-1).to(text.dtype)
+    return F.normalize(centre + s.knn_spread * offset.to(text.device), dim=-1).to(text.dtype)
+
+
+def centre_shift(unique: torch.Tensor, cos: torch.Tensor, rows: np.ndarray, neighbours, s: SampleConfig
+                 ) -> torch.Tensor:
+    """How far each distinct text ``[U, D]`` moves its draws' centre (``knn_centre_margin``, see
+    :func:`bridge_text`): towards the plain mean of its neighbours within the margin of its nearest one, by
+    ``c / (c + knn_centre_prior)`` for ``c`` of them."""
+    inside = cos >= cos.amax(-1, keepdim=True) - s.knn_centre_margin  # [U, k]
+    count = inside.sum(-1).float()
+    means = torch.stack([neighbours(r[keep.numpy()]).mean(0) for keep, r in zip(inside, rows, strict=True)])
+    return (count / (count + s.knn_centre_prior))[:, None] * (means - unique)
 
 
 def effective_count(weights: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,8 @@ def validate_sample(s: SampleConfig, key: Callable[[str], str]) -> None:
     check(0.0 <= s.knn_spread <= 1.0, key("knn_spread"), "must be in [0, 1] (0 = the text unchanged)")
     check(s.knn_temperature > 0, key("knn_temperature"), "must be > 0")
     check(s.knn_shrink >= 0, key("knn_shrink"), "must be >= 0 (0 = off)")
+    check(0 <= s.knn_centre_margin <= 2, key("knn_centre_margin"), "must be in [0, 2] (a cosine margin; 0 = off)")
+    check(s.knn_centre_prior >= 0, key("knn_centre_prior"), "must be >= 0")
     check(s.rerank_prompt_weight >= 0, key("rerank_prompt_weight"), "must be >= 0")
     check(0 <= s.rerank_prompt_margin <= 2, key("rerank_prompt_margin"), "must be in [0, 2] (a cosine margin)")
     check(s.knn_k >= 1, key("knn_k"), "must be >= 1")

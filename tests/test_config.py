@@ -58,6 +58,8 @@ def test_int_is_accepted_for_float():
         (["data.image_size=30"], "multiple of the VQGAN downsampling factor 4"),
         (["sample.top_p=0"], "sample.top_p: must be in (0, 1]"),
         (["sample.knn_shrink=-1"], "sample.knn_shrink: must be >= 0"),
+        (["sample.knn_centre_margin=3"], "sample.knn_centre_margin: must be in [0, 2]"),
+        (["sample.knn_centre_prior=-1"], "sample.knn_centre_prior: must be >= 0"),
         (["gpt.steps=0"], "gpt.steps: must be > 0"),
         (["vqgan.perceptual=lpips"], "vqgan.lpips_weights: required"),
         (["data.world.held_out_combos=[red]"], "must be 'COLOUR SHAPE'"),

@@ -95,7 +95,8 @@ def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation
     images = F.normalize(text + 0.8 * torch.randn(50, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(50)]),
                      index_vectors=images.numpy())
-    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=3, knn_temperature=0.1, knn_spread=0.5, knn_shrink=0.0)
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=3, knn_temperature=0.1, knn_spread=0.5, knn_shrink=0.0,
+                            knn_centre_margin=0.0)
     assert torch.equal(bridge_text(g, text, dataclasses.replace(s, bridge="none")), text)
     cos, order = (images @ text[0]).topk(3)  # the 3 nearest images and their weights, by hand
     weights = torch.softmax(cos / 0.1, dim=0)
@@ -112,6 +113,40 @@ def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation
     assert torch.allclose(bridge_text(g, text, dataclasses.replace(s, knn_k=500)).norm(), torch.ones(1))  # k > N
 
 
+def test_knn_centre_margin_moves_the_centre_towards_the_mean_of_the_texts_own_images(gen, tiny_run):
+    """With knn_centre_margin m the draws' centre is text + c / (c + prior) * (mean - text), the mean a plain one
+    over the c neighbours within m of the nearest one's cosine: a text with many such neighbours moves most of
+    the way, one with few barely moves, and the draws' variation (the step) is the same as without it."""
+    from clipgen.index import NeighbourIndex, build_index
+
+    rng = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(60, 16, generator=rng), dim=-1)
+    g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(60)]),
+                     index_vectors=images.numpy())
+    texts = torch.cat([F.normalize(images[:20].mean(0), dim=0)[None],  # inside the cloud: many near it
+                       F.normalize(images[0] + 0.3 * images[1], dim=0)[None]])  # near image 0 above all
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=60, knn_temperature=0.2, knn_spread=0.0,
+                            knn_shrink=0.0, knn_centre_margin=0.3, knn_centre_prior=10.0)
+    cos = texts @ images.T  # [2, 60]
+    inside = cos >= cos.amax(-1, keepdim=True) - 0.3
+    count = inside.sum(-1).float()
+    assert count[0] > 3 * count[1]
+    means = torch.stack([images[keep].mean(0) for keep in inside])
+    trust = count / (count + 10.0)
+    expected = F.normalize(texts + trust[:, None] * (means - texts), dim=-1)
+    centred = bridge_text(g, texts.repeat_interleave(3, 0), s, torch.Generator().manual_seed(0))
+    assert torch.allclose(centred, expected.repeat_interleave(3, 0), atol=1e-5)
+    moved = 1 - (centred[::3] * texts).sum(-1)
+    assert moved[0] > moved[1] > 0
+    off = dataclasses.replace(s, knn_centre_margin=0.0)
+    assert torch.allclose(bridge_text(g, texts, off), texts, atol=1e-6)
+    # with a spread the draws still vary, now around the moved centre
+    spread = dataclasses.replace(s, knn_spread=0.5)
+    draws = bridge_text(g, texts[:1].repeat(50, 1), spread, torch.Generator().manual_seed(1))
+    assert (draws @ draws.T).min() < 0.99
+    assert (draws @ expected[0]).mean() > (draws @ texts[0]).mean()
+
+
 def test_knn_shrink_shortens_the_steps_of_a_text_with_few_neighbours(gen, tiny_run):
     """With knn_shrink n0, a text whose weights spread over n neighbours (effective count) moves by
     spread * n / (n + n0): a text far from every train image, whose few nearest ones are a poor sample of
@@ -125,7 +160,7 @@ def test_knn_shrink_shortens_the_steps_of_a_text_with_few_neighbours(gen, tiny_r
     texts = torch.cat([F.normalize(images[:20].mean(0), dim=0)[None],  # inside the cloud: many near it
                        F.normalize(images[0] + 0.3 * images[1], dim=0)[None]])  # near image 0 above all
     s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=60, knn_temperature=0.2, knn_spread=0.5,
-                            knn_shrink=0.0)
+                            knn_shrink=0.0, knn_centre_margin=0.0)
     cos = texts @ images.T
     weights = torch.softmax(cos / 0.2, dim=-1)
     count = 1 / weights.pow(2).sum(-1)  # the effective count of neighbours, per text
