@@ -113,18 +113,24 @@ def test_knn_bridge_keeps_the_text_as_mean_and_a_weighted_neighbour_as_variation
     assert torch.allclose(bridge_text(g, text, dataclasses.replace(s, knn_k=500)).norm(), torch.ones(1))  # k > N
 
 
+def crowded_and_lonely_texts(gen):
+    """A generator whose index holds 60 random unit image embeddings, and two texts: one inside the cloud, with
+    many images near it, and one near image 0 above all (a held-out combination's situation)."""
+    from clipgen.index import NeighbourIndex, build_index
+
+    images = F.normalize(torch.randn(60, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(60)]),
+                     index_vectors=images.numpy())
+    texts = torch.cat([F.normalize(images[:20].mean(0), dim=0)[None],
+                       F.normalize(images[0] + 0.3 * images[1], dim=0)[None]])
+    return g, images, texts
+
+
 def test_knn_centre_margin_moves_the_centre_towards_the_mean_of_the_texts_own_images(gen, tiny_run):
     """With knn_centre_margin m the draws' centre is text + c / (c + prior) * (mean - text), the mean a plain one
     over the c neighbours within m of the nearest one's cosine: a text with many such neighbours moves most of
-    the way, one with few barely moves, and the draws' variation (the step) is the same as without it."""
-    from clipgen.index import NeighbourIndex, build_index
-
-    rng = torch.Generator().manual_seed(0)
-    images = F.normalize(torch.randn(60, 16, generator=rng), dim=-1)
-    g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(60)]),
-                     index_vectors=images.numpy())
-    texts = torch.cat([F.normalize(images[:20].mean(0), dim=0)[None],  # inside the cloud: many near it
-                       F.normalize(images[0] + 0.3 * images[1], dim=0)[None]])  # near image 0 above all
+    the way, one with few barely moves, and the draws still vary around the moved centre."""
+    g, images, texts = crowded_and_lonely_texts(gen)
     s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=60, knn_temperature=0.2, knn_spread=0.0,
                             knn_shrink=0.0, knn_centre_margin=0.3, knn_centre_prior=10.0)
     cos = texts @ images.T  # [2, 60]
@@ -151,14 +157,7 @@ def test_knn_shrink_shortens_the_steps_of_a_text_with_few_neighbours(gen, tiny_r
     """With knn_shrink n0, a text whose weights spread over n neighbours (effective count) moves by
     spread * n / (n + n0): a text far from every train image, whose few nearest ones are a poor sample of
     how its own images vary (a held-out combination), keeps closer to what it says."""
-    from clipgen.index import NeighbourIndex, build_index
-
-    rng = torch.Generator().manual_seed(0)
-    images = F.normalize(torch.randn(60, 16, generator=rng), dim=-1)
-    g = gen._replace(index=NeighbourIndex(build_index(images.numpy()), [str(i) for i in range(60)]),
-                     index_vectors=images.numpy())
-    texts = torch.cat([F.normalize(images[:20].mean(0), dim=0)[None],  # inside the cloud: many near it
-                       F.normalize(images[0] + 0.3 * images[1], dim=0)[None]])  # near image 0 above all
+    g, images, texts = crowded_and_lonely_texts(gen)
     s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=60, knn_temperature=0.2, knn_spread=0.5,
                             knn_shrink=0.0, knn_centre_margin=0.0)
     cos = texts @ images.T
