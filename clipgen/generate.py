@@ -153,34 +153,27 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
     def neighbours(index_rows: np.ndarray) -> torch.Tensor:
         return F.normalize(torch.from_numpy(gen.index_vectors[index_rows]).float(), dim=-1)
 
-    mean, rms = [], []  # per distinct text, one at a time: the weighted mean and RMS distance from it
-    for w, r in zip(weights, rows, strict=True):
+    inside = cos >= cos.amax(-1, keepdim=True) - s.knn_centre_margin  # [U, k]: the text's own images
+    # per distinct text, one at a time: the weighted mean, the RMS distance from it, the plain mean of its own
+    mean, rms, own = [], [], []
+    for w, r, keep in zip(weights, rows, inside, strict=True):
         vectors = neighbours(r)
         mean.append(w @ vectors)
         rms.append((w @ (vectors - mean[-1]).pow(2).sum(-1)).sqrt())
+        own.append(vectors[keep].mean(0))
     mean, rms = torch.stack(mean), torch.stack(rms).clamp_min(1e-6)
     if s.knn_shrink > 0:  # shorter steps where few neighbours carry the weight
         count = effective_count(weights)
         rms = rms * (count + s.knn_shrink) / count
     centre = text.float()
-    if s.knn_centre_margin > 0:
-        shift = centre_shift(unique.float().cpu(), cos, rows, neighbours, s)
+    if s.knn_centre_margin > 0:  # towards the plain mean of its own images, by c / (c + prior) for c of them
+        count = inside.sum(-1).float()
+        shift = (count / (count + s.knn_centre_prior))[:, None] * (torch.stack(own) - unique.float().cpu())
         centre = centre + shift.to(text.device)[row_of]
     pick = torch.multinomial(weights.to(text.device)[row_of], 1, generator=generator)[:, 0].cpu()  # [R]
     row_of = row_of.cpu()
     offset = (neighbours(rows[row_of.numpy(), pick.numpy()]) - mean[row_of]) / rms[row_of, None]
     return F.normalize(centre + s.knn_spread * offset.to(text.device), dim=-1).to(text.dtype)
-
-
-def centre_shift(unique: torch.Tensor, cos: torch.Tensor, rows: np.ndarray, neighbours, s: SampleConfig
-                 ) -> torch.Tensor:
-    """How far each distinct text ``[U, D]`` moves its draws' centre (``knn_centre_margin``, see
-    :func:`bridge_text`): towards the plain mean of its neighbours within the margin of its nearest one, by
-    ``c / (c + knn_centre_prior)`` for ``c`` of them."""
-    inside = cos >= cos.amax(-1, keepdim=True) - s.knn_centre_margin  # [U, k]
-    count = inside.sum(-1).float()
-    means = torch.stack([neighbours(r[keep.numpy()]).mean(0) for keep, r in zip(inside, rows, strict=True)])
-    return (count / (count + s.knn_centre_prior))[:, None] * (means - unique)
 
 
 def effective_count(weights: torch.Tensor) -> torch.Tensor:
