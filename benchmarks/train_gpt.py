@@ -39,6 +39,7 @@ from run_info import Report
 
 from clipgen.config import GPTConfig, TrainConfig
 from clipgen.data.images_array import ArrayBatches
+from clipgen.host_memory import keep_freed_memory
 from clipgen.models.gpt import GPT
 from clipgen.presets import PRESETS
 from clipgen.train import loop
@@ -139,7 +140,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after every row)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = Report("train_gpt", device, {"steps": args.steps, "peak_flops": args.peak_flops}, args.out)
+    kept = keep_freed_memory()  # as a pipeline step sets it (CLIPGEN_MALLOC=default leaves glibc's defaults)
+    report = Report("train_gpt", device, {"steps": args.steps, "peak_flops": args.peak_flops,
+                                          "kept_freed_memory": kept}, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             flash = flash_attention_runs(preset, device)

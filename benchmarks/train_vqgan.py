@@ -21,6 +21,7 @@ import torch
 
 from clipgen.config import TrainConfig, VQGANConfig, WorldConfig
 from clipgen.data.world import world_arrays
+from clipgen.host_memory import keep_freed_memory
 from clipgen.presets import PRESETS
 from clipgen.train.vqgan_trainer import fit
 
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="0 = the preset's")
     parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as a pipeline step sets it (CLIPGEN_MALLOC=default leaves glibc's defaults)
     world = WorldConfig()
     train_images = world_arrays(world, "train", 32, n=4096).images
     heldout = world_arrays(world, "heldout", 32, n=512).images
@@ -48,7 +50,7 @@ def main() -> None:
             rows.append({"precision": precision, "images_per_s": round(cfg.batch_size / last["step_seconds"], 1),
                          "heldout_psnr": result.summary["heldout"]["psnr"], "loss": round(last["loss"], 4)})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
-    print(json.dumps({"benchmark": "train_vqgan", "device": device, "steps": args.steps,
+    print(json.dumps({"benchmark": "train_vqgan", "device": device, "steps": args.steps, "kept_freed_memory": kept,
                       "vqgan": dataclasses.asdict(cfg) | {"steps": args.steps}, "results": rows}))
 
 

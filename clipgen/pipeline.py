@@ -19,6 +19,7 @@ from clipgen.config import ConfigError, PipelineConfig, config_yaml
 from clipgen.data.shard_parts import SHARD_CODE_VERSION
 from clipgen.data.shards import damaged_shards
 from clipgen.fanout import MapFn, serial_map
+from clipgen.host_memory import keep_freed_memory
 from clipgen.stages import (
     clip_stage,
     damaged_parquet,
@@ -120,6 +121,7 @@ def run_step(cfg: PipelineConfig, name: str, map_fn: MapFn = serial_map) -> dict
               "code_version": step.code_version}
 
     def build(out: Path) -> dict[str, Any]:
+        keep_freed_memory()  # CPU steps reuse their freed tensors' pages instead of faulting them in again
         write_recipe(out, recipe)  # what the id hashes, readable: lets a later artifact reuse per-shard work
         if step.distributed and wants_torchrun(cfg):  # every rank builds the step under torchrun
             return launch_step(cfg, name, out)

@@ -14,12 +14,14 @@ from pathlib import Path
 from clipgen.artifacts import write_json_atomic
 from clipgen.config import load_config
 from clipgen.fanout import serial_map
+from clipgen.host_memory import keep_freed_memory
 from clipgen.pipeline import STEPS_BY_NAME, plan
 from clipgen.train.launch import SUMMARY_FILE
 
 
 def main(argv: list[str]) -> None:
     config_file, step_name, out = argv
+    keep_freed_memory()
     cfg = load_config(config_file, [])
     step = STEPS_BY_NAME[step_name]
     artifacts = plan(cfg)
