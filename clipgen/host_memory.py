@@ -3,9 +3,9 @@
 A training step on the CPU allocates and frees the same tensors every step: activations, their gradients,
 the logits. glibc's malloc hands every block above a size threshold straight back to the kernel (``mmap`` and
 ``munmap``, or a trim of the heap's top), so the next step faults each page in again and the kernel zeroes it
-first. In the shapes demo's transformer step (fp32, 2 cores) that was about a sixth of the CPU time: system
-time 5.5 s against 1.6 s over the same 40 steps, with the matrix products and the loss' backward slower too
-(``python benchmarks/host_memory.py`` measures it, one process of each kind taking turns). Setting the
+first. Side by side on 2 AVX2 cores (``python benchmarks/host_memory.py``, one process of each kind taking
+turns), glibc's defaults faulted in 3.5-6x as many pages and spent twice the system time; keeping the memory
+made the shapes tokenizer's step 1.16x as fast and the transformer's 0.99x and 1.075x in two runs. Setting the
 threshold (``M_MMAP_THRESHOLD``, at glibc's upper limit of 32 MiB) and the trim threshold (1 GiB) keeps those
 blocks in the process for the next step, as PyTorch's CUDA allocator keeps device memory.
 
