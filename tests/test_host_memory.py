@@ -16,7 +16,7 @@ from clipgen.host_memory import OPT_OUT_ENV
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt is glibc's")
 
-# eight steps of a one-layer transformer's training; prints whether memory is kept, then each step's minor
+# twelve steps of a one-layer transformer's training; prints whether memory is kept, then each step's minor
 # page faults (a step touches about 40k pages: activations, gradients and logits of 64 x 64 tokens)
 STEP_FAULTS = """
 import resource, torch, torch.nn.functional as F
@@ -27,7 +27,7 @@ torch.manual_seed(0)
 model = GPT(GPTShape(vocab_size=1000, n_tokens=64, cond_dim=128, n_layer=1, n_head=4, n_embd=192, n_prefix=2))
 opt = torch.optim.AdamW(model.parameters())
 cond, tokens = F.normalize(torch.randn(64, 128), dim=-1), torch.randint(0, 1000, (64, 64))
-for _ in range(8):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     F.cross_entropy(model(cond, tokens).flatten(0, 1), tokens.flatten()).backward()
     opt.step()
@@ -47,8 +47,9 @@ def step_faults(setting: str) -> tuple[bool, list[int]]:
 def test_training_steps_reuse_freed_pages():
     kept, faults = step_faults("")
     assert kept
-    # glibc's defaults faulted 12k-69k pages into the last four steps in six runs; kept, 2-3 pages
-    assert sum(faults[4:]) < 1000, faults
+    # the last six steps: with glibc's defaults 33k-72k pages in three runs; kept, 1-4101 (the heap still grows by
+    # a block now and then)
+    assert sum(faults[6:]) < 10000, faults
 
 
 def test_the_opt_out_leaves_glibcs_defaults(monkeypatch):
