@@ -188,6 +188,9 @@ class SampleConfig:
     # nearest one, by c / (c + knn_centre_prior) for c of them; 0 = the text is the centre
     knn_centre_margin: float = 0.0
     knn_centre_prior: float = 500.0
+    # weighted: every draw's variation comes from a neighbour picked by weight; own: the share of draws that the
+    # centre moved by (c / (c + prior)) takes it from the text's own images, picked uniformly
+    knn_variation: Literal["weighted", "own"] = "weighted"
     rerank_candidates: int = 0  # sample this many per image and keep the CLIP-best; 0 = off
     # CLIP-best against the text, the draw's own bridged condition, the two together, or the condition among
     # those near the best match to the text (clipgen.generate)

@@ -9,7 +9,9 @@
    (faiss index), picked with weight ``softmax(cos / temperature)``, and keeps the text as the mean but the
    neighbour's offset from the weighted mean of the ``k`` (scaled to RMS length ``spread``, shortened for a text
    that few train images match) as its variation: ``normalize(text + spread * (neighbour - mean) / rms)``,
-   optionally around a centre moved from the text towards the mean of its own images (``knn_centre_margin``);
+   optionally around a centre moved from the text towards the mean of its own images (``knn_centre_margin``),
+   and with as large a share of the draws taking their variation from those own images, unweighted
+   (``knn_variation: own``);
 3. samples token grids with the KV cache, temperature, top-k, top-p and classifier-free guidance;
 4. decodes them with the VQGAN;
 5. optionally draws ``rerank_candidates`` per image and keeps the one whose CLIP image embedding is
@@ -134,7 +136,14 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
     text towards the plain mean of the ``c`` neighbours whose cosine is within ``m`` of the nearest one's (the
     text's own images, each size as often as the train split has it), by ``t = c / (c + knn_centre_prior)``:
     ``normalize(text + t * (centre_mean - text) + step)``. A held-out pair has a few dozen such neighbours, of
-    other shapes, and barely moves; a shown one has a thousand or more."""
+    other shapes, and barely moves; a shown one has a thousand or more.
+
+    The weights favour some of a text's own images over others (on the shapes run, the small ones and those of
+    one background level or another, by prompt), and a step of ``knn_spread`` RMS lengths spans only part of
+    how its images vary, so the draws also keep to the middle sizes and background levels. With
+    ``knn_variation: own`` the neighbours are picked, and their mean and RMS taken, with the weights
+    ``(1 - t) * w + t / c`` on the ``c`` own images: a shown combination's draws vary mostly as its own images
+    do, and a held-out one (``t`` near 0) keeps its weighted neighbours."""
     if s.bridge == "none":
         return text
     if s.bridge == "noise":
@@ -149,11 +158,17 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
     rows = np.where(found.rows >= 0, found.rows, 0)  # faiss marks missing neighbours with -1: weight 0
     cos = torch.from_numpy(found.scores).float().masked_fill(torch.from_numpy(found.rows < 0), -torch.inf)
     weights = torch.softmax(cos / s.knn_temperature, dim=-1)  # [U, k]
+    trust = effective_count(weights)  # how many neighbours the text's own weights fall on
 
     def neighbours(index_rows: np.ndarray) -> torch.Tensor:
         return F.normalize(torch.from_numpy(gen.index_vectors[index_rows]).float(), dim=-1)
 
     inside = cos >= cos.amax(-1, keepdim=True) - s.knn_centre_margin  # [U, k]: the text's own images
+    count = inside.sum(-1).float()
+    moved = count / (count + s.knn_centre_prior) if s.knn_centre_margin > 0 else torch.zeros_like(count)  # [U]
+    if s.knn_variation == "own":  # that share of the draws vary as the text's own images do, unweighted
+        own_weights = inside.float() / count[:, None]
+        weights = (1 - moved[:, None]) * weights + moved[:, None] * own_weights
     # per distinct text, one at a time: the weighted mean, the RMS distance from it, the plain mean of its own
     mean, rms, own = [], [], []
     for w, r, keep in zip(weights, rows, inside, strict=True):
@@ -163,12 +178,10 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
         own.append(vectors[keep].mean(0))
     mean, rms = torch.stack(mean), torch.stack(rms).clamp_min(1e-6)
     if s.knn_shrink > 0:  # shorter steps where few neighbours carry the weight
-        count = effective_count(weights)
-        rms = rms * (count + s.knn_shrink) / count
+        rms = rms * (trust + s.knn_shrink) / trust
     centre = text.float()
     if s.knn_centre_margin > 0:  # towards the plain mean of its own images, by c / (c + prior) for c of them
-        count = inside.sum(-1).float()
-        shift = (count / (count + s.knn_centre_prior))[:, None] * (torch.stack(own) - unique.float().cpu())
+        shift = moved[:, None] * (torch.stack(own) - unique.float().cpu())
         centre = centre + shift.to(text.device)[row_of]
     pick = torch.multinomial(weights.to(text.device)[row_of], 1, generator=generator)[:, 0].cpu()  # [R]
     row_of = row_of.cpu()

@@ -144,6 +144,8 @@ def validate_sample(s: SampleConfig, key: Callable[[str], str]) -> None:
     check(s.knn_shrink >= 0, key("knn_shrink"), "must be >= 0 (0 = off)")
     check(0 <= s.knn_centre_margin <= 2, key("knn_centre_margin"), "must be in [0, 2] (a cosine margin; 0 = off)")
     check(s.knn_centre_prior >= 0, key("knn_centre_prior"), "must be >= 0")
+    check(s.knn_variation == "weighted" or s.knn_centre_margin > 0, key("knn_variation"),
+          "own needs sample.knn_centre_margin > 0 (the text's own images are those within that margin)")
     check(s.rerank_prompt_weight >= 0, key("rerank_prompt_weight"), "must be >= 0")
     check(0 <= s.rerank_prompt_margin <= 2, key("rerank_prompt_margin"), "must be in [0, 2] (a cosine margin)")
     check(s.knn_k >= 1, key("knn_k"), "must be >= 1")

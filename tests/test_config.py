@@ -60,6 +60,7 @@ def test_int_is_accepted_for_float():
         (["sample.knn_shrink=-1"], "sample.knn_shrink: must be >= 0"),
         (["sample.knn_centre_margin=3"], "sample.knn_centre_margin: must be in [0, 2]"),
         (["sample.knn_centre_prior=-1"], "sample.knn_centre_prior: must be >= 0"),
+        (["sample.knn_variation=own", "sample.knn_centre_margin=0"], "sample.knn_variation: own needs"),
         (["gpt.steps=0"], "gpt.steps: must be > 0"),
         (["vqgan.perceptual=lpips"], "vqgan.lpips_weights: required"),
         (["data.world.held_out_combos=[red]"], "must be 'COLOUR SHAPE'"),

@@ -178,6 +178,34 @@ def test_knn_shrink_shortens_the_steps_of_a_text_with_few_neighbours(gen, tiny_r
     assert (shrunk * rows).sum(-1).min() > (plain * rows).sum(-1).min()  # nearer the text
 
 
+def test_knn_variation_own_draws_the_moved_share_of_variations_from_the_texts_own_images(gen, tiny_run):
+    """With knn_variation own, a draw's neighbour is picked by (1 - t) * weight + t / c over the c own images
+    (t = c / (c + prior), the centre's move), and its offset is from that mixture's mean, over its RMS: a text
+    with many own images varies as they do, unweighted; one with few keeps its weighted neighbours."""
+    g, images, texts = crowded_and_lonely_texts(gen)
+    s = dataclasses.replace(tiny_run.sample, bridge="knn", knn_k=60, knn_temperature=0.05, knn_spread=0.5,
+                            knn_shrink=0.0, knn_centre_margin=0.3, knn_centre_prior=10.0, knn_variation="own")
+    cos = texts @ images.T  # [2, 60]
+    inside = cos >= cos.amax(-1, keepdim=True) - 0.3
+    count = inside.sum(-1).float()
+    moved = count / (count + 10.0)
+    weights = torch.softmax(cos / 0.05, dim=-1)
+    mixed = (1 - moved[:, None]) * weights + moved[:, None] * inside.float() / count[:, None]
+    rows = texts.repeat_interleave(2000, 0)
+    cond = bridge_text(g, rows, s, torch.Generator().manual_seed(4))
+    weighted = bridge_text(g, rows, dataclasses.replace(s, knn_variation="weighted"), torch.Generator().manual_seed(4))
+    for t in range(2):
+        centre = texts[t] + moved[t] * (images[inside[t]].mean(0) - texts[t])
+        offsets = images - mixed[t] @ images
+        allowed = F.normalize(centre + 0.5 * offsets / (mixed[t] @ offsets.pow(2).sum(-1)).sqrt(), dim=-1)  # [60, D]
+        match = (cond[2000 * t:2000 * (t + 1), None] - allowed[None]).abs().amax(-1) < 1e-5  # [2000, 60]
+        assert match.any(1).all()  # every draw is one of the 60 allowed conditions
+        picked = match.float().argmax(1).bincount(minlength=60) / 2000
+        assert (picked - mixed[t]).abs().max() < 0.04  # each as often as its mixed weight
+    assert count[0] > 3 * count[1]  # the crowded text draws more from its own images than the lonely one
+    assert not torch.equal(cond[:2000], weighted[:2000])
+
+
 @pytest.mark.parametrize("bridge", ["noise", "knn"])
 def test_each_draw_of_a_prompt_gets_its_own_bridged_condition(gen, tiny_run, bridge):
     text = gen.clip.encode_texts(["a red circle", "a blue star"]).repeat_interleave(4, 0)  # 4 draws per prompt
