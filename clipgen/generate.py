@@ -158,7 +158,7 @@ def bridge_text(gen: Generator, text: torch.Tensor, s: SampleConfig, generator: 
     rows = np.where(found.rows >= 0, found.rows, 0)  # faiss marks missing neighbours with -1: weight 0
     cos = torch.from_numpy(found.scores).float().masked_fill(torch.from_numpy(found.rows < 0), -torch.inf)
     weights = torch.softmax(cos / s.knn_temperature, dim=-1)  # [U, k]
-    trust = effective_count(weights)  # how many neighbours the text's own weights fall on
+    trust = effective_count(weights)  # how many neighbours the softmax weights fall on (for knn_shrink)
 
     def neighbours(index_rows: np.ndarray) -> torch.Tensor:
         return F.normalize(torch.from_numpy(gen.index_vectors[index_rows]).float(), dim=-1)
